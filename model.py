@@ -1,0 +1,632 @@
+"""Search supernets with the MIDAS attention (METHOD.md §1-6) and the evaluation networks.
+
+MIDAS replaces DARTS's static table alpha by scores computed per input and per spatial patch:
+  tokens  t[e,j] = mean of candidate output F[e,j] over each cell of a g x g grid     (§2)
+  scores  s[e,j] = <W_q z, W_k t[e,j]> / (sqrt(d) tau), z = the node's pooled inputs  (§3)
+  mixing  m[e]   = sum_j up(softmax_j s[e,:]) * F[e,j]                                 (§4)
+  node    x_k    = sum_e up(gamma[e]) m[e], gamma from a softmax over pairs of edges  (§5)
+`method='darts'` swaps s for a learned table shared by all cells of a type (§6), in the same code.
+Imports ops.py and genotypes.py only, so these three files can be copied into another project.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from genotypes import get_space, nb201_parse, node_inputs, node_pairs
+from ops import OPS, FactorizedReduce, Identity, ReLUConvBN
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """Everything that decides how the mixing weights are made; one flag each in search.py."""
+    method: str = 'midas'      # 'midas' (attention) or 'darts' (static alpha)
+    patch: int = 4             # patch side in pixels at the node's resolution; 0 = global pooling
+    topology: bool = True      # parameter-free pair-of-edges node (§5); DARTS-style spaces only
+    attn_dim: int = 32         # d, the query/key dimension
+    tau: float = 1.0           # softmax temperature of the scores
+    token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/avg-pool tie (§12)
+    token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)
+
+    def __post_init__(self):
+        if self.method not in ('midas', 'darts'):
+            raise ValueError(f"unknown method '{self.method}' (choose from midas, darts)")
+        if not isinstance(self.patch, int) or isinstance(self.patch, bool) or self.patch < 0:
+            raise ValueError(f'patch must be a non-negative integer (0 = global pooling), got {self.patch!r}')
+        if self.token not in ('mean', 'meanstd'):
+            raise ValueError(f"unknown token '{self.token}' (choose from mean, meanstd)")
+        if self.attn_dim < 1 or not self.tau > 0:
+            raise ValueError('attn_dim must be >= 1 and tau > 0')
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid helpers: a g_h x g_w grid of patches over an H x W map
+
+def grid_size(h, w, patch):
+    if patch == 0:
+        return 1, 1
+    return max(1, h // patch), max(1, w // patch)
+
+
+def pool_grid(x, gh, gw):
+    """Mean over each grid cell -> B x C x gh x gw. A view + mean when the grid divides the map."""
+    b, c, h, w = x.shape
+    if h % gh == 0 and w % gw == 0:
+        return x.view(b, c, gh, h // gh, gw, w // gw).mean((3, 5))
+    return F.adaptive_avg_pool2d(x, (gh, gw))
+
+
+def std_grid(x, mean, gh, gw):
+    """Per-patch standard deviation, from E[x^2] - E[x]^2 (one extra pooling, no unfolded copy)."""
+    return (pool_grid(x * x, gh, gw) - mean * mean).clamp_min(1e-8).sqrt()
+
+
+def mix_add(acc, f, w):
+    """acc + up(w) * f for f: B x C x H x W and patch weights w: (B or 1) x gh x gw. Viewing f as
+    B x C x gh x ph x gw x pw makes the weight broadcast over its pixels: no upsampled tensor, the
+    same number of multiplies as DARTS's scalar mix (§12)."""
+    b, c, h, wd = f.shape
+    gh, gw = w.shape[-2:]
+    if gh == 1 and gw == 1:
+        w = w.reshape(-1, 1, 1, 1)
+        return f * w if acc is None else torch.addcmul(acc, f, w)
+    if h % gh == 0 and wd % gw == 0:
+        fv = f.view(b, c, gh, h // gh, gw, wd // gw)
+        wv = w.reshape(w.shape[0], 1, gh, 1, gw, 1)
+        out = (fv * wv).view(b, c, h, wd)
+    else:
+        out = f * F.interpolate(w.unsqueeze(1), size=(h, wd), mode='nearest')
+    return out if acc is None else acc + out
+
+
+# ---------------------------------------------------------------------------------------------
+# Search cell
+
+class MixedOp(nn.Module):
+    """The candidates of one edge. 'none' is never computed: its output is zero and so is its token."""
+
+    def __init__(self, C, stride, primitives, bn_after_pool):
+        super().__init__()
+        self.primitives = list(primitives)
+        self.live = [j for j, p in enumerate(self.primitives) if p != 'none']
+        ops = []
+        for j in self.live:
+            op = OPS[self.primitives[j]](C, stride, False)
+            if bn_after_pool and 'pool' in self.primitives[j]:
+                op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))  # as in DARTS's model_search.py
+            ops.append(op)
+        self._ops = nn.ModuleList(ops)
+
+    def forward(self, x):
+        return [op(x) for op in self._ops]
+
+
+class NodeAttention(nn.Module):
+    """MIDAS's architecture parameters for one node: W_q on the node's concatenated pooled inputs,
+    W_k on each candidate's patch token (§3)."""
+
+    def __init__(self, n_inputs, C, cfg):
+        super().__init__()
+        token_dim = 2 * C if cfg.token == 'meanstd' else C
+        self.cfg = cfg
+        self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
+        self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
+
+    def tokens(self, f, gh, gw):
+        mean = pool_grid(f, gh, gw)
+        if self.cfg.token == 'meanstd':
+            return torch.cat([mean, std_grid(f, mean, gh, gw)], 1)
+        return mean
+
+    def forward(self, pooled_inputs, outs):
+        """pooled_inputs: B x (n_in C) x gh x gw; outs: K candidate maps -> scores K x B x gh x gw."""
+        gh, gw = pooled_inputs.shape[-2:]
+        z = pooled_inputs.permute(0, 2, 3, 1)                                    # B gh gw nC
+        t = torch.stack([self.tokens(f, gh, gw) for f in outs]).permute(0, 1, 3, 4, 2)  # K B gh gw C'
+        if self.cfg.token_norm:
+            z = F.layer_norm(z, z.shape[-1:])
+            t = F.layer_norm(t, t.shape[-1:])
+        q, k = self.w_q(z), self.w_k(t)
+        return (k * q).sum(-1) / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
+
+
+def edge_weights(edge_scores, mixed_ops, topology):
+    """Softmax over each edge's candidates, then (topology) the pair softmax of §5.
+    edge_scores: per edge, B' x J_e x gh x gw (B' = 1 for a static table).
+    -> (w per edge, gamma E x B' x gh x gw or None, pi P x B' x gh x gw or None)"""
+    w = [s.softmax(1) for s in edge_scores]
+    if not topology or len(edge_scores) < 2:
+        return w, None, None
+    logits = torch.stack([s[:, op.live].logsumexp(1) for s, op in zip(edge_scores, mixed_ops)])  # E B gh gw
+    pairs = node_pairs(len(edge_scores))
+    a, b = zip(*pairs)
+    pi = (logits[list(a)] + logits[list(b)]).softmax(0)                                        # P B gh gw
+    membership = torch.zeros(len(edge_scores), len(pairs), device=pi.device, dtype=pi.dtype)
+    for p, (i, j) in enumerate(pairs):
+        membership[i, p] = membership[j, p] = 1.0
+    gamma = torch.einsum('ep,pbxy->ebxy', membership, pi)
+    return w, gamma, pi
+
+
+class SearchCell(nn.Module):
+    """One cell of a search supernet. kind 'darts': inputs s0, s1 (preprocessed), 4 nodes, output the
+    concat of the nodes; kind 'nb201': one input, 3 nodes taking every predecessor, output the last."""
+
+    def __init__(self, kind, edge_ops, C_prev_prev, C_prev, C, reduction, reduction_prev, cfg):
+        super().__init__()
+        self.kind, self.reduction, self.cfg = kind, reduction, cfg
+        self.topology = cfg.topology and kind == 'darts'  # NB201 nodes take every predecessor (§5)
+        if kind == 'darts':
+            self.preprocess0 = (FactorizedReduce(C_prev_prev, C, affine=False) if reduction_prev
+                                else ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False))
+            self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self.nodes = node_inputs(kind)
+        self._ops = nn.ModuleList()
+        for _, inputs in self.nodes:
+            for i in inputs:
+                stride = 2 if reduction and i < 2 and kind == 'darts' else 1
+                self._ops.append(MixedOp(C, stride, edge_ops[len(self._ops)], bn_after_pool=kind == 'darts'))
+        self.attention = nn.ModuleList(
+            [NodeAttention(len(inputs), C, cfg) for _, inputs in self.nodes]) if cfg.method == 'midas' else None
+
+    def forward(self, inputs, alpha=None, recorder=None):
+        if self.kind == 'darts':
+            states = [self.preprocess0(inputs[0]), self.preprocess1(inputs[1])]
+        else:
+            states = [inputs[0]]
+        pooled = {}  # every node of a cell has the same resolution: pool each state once
+        e0 = 0
+        for n, (node, srcs) in enumerate(self.nodes):
+            edges = self._ops[e0:e0 + len(srcs)]
+            outs = [op(states[i]) for op, i in zip(edges, srcs)]
+            scores = self._scores(n, srcs, states, edges, outs, pooled, alpha, e0)
+            w, gamma, pi = edge_weights(scores, edges, self.topology)
+            if recorder is not None:
+                recorder(self, n, w, gamma, pi)
+            x = None
+            for e, (op, edge_outs) in enumerate(zip(edges, outs)):
+                for j, f in zip(op.live, edge_outs):
+                    weight = w[e][:, j] if gamma is None else gamma[e] * w[e][:, j]
+                    x = mix_add(x, f, weight)
+            states.append(x)
+            e0 += len(srcs)
+        if self.kind == 'darts':
+            return torch.cat(states[2:], dim=1)
+        return states[-1]
+
+    def _scores(self, n, srcs, states, edges, outs, pooled, alpha, e0):
+        """Per edge: B' x J_e x gh x gw scores, 'none' scored 0 (its token and so its key are 0)."""
+        if alpha is not None:  # static DARTS table: one row per edge, broadcast over batch and patches
+            return [alpha[e0 + e, :len(op.primitives)].view(1, -1, 1, 1) for e, op in enumerate(edges)]
+        h, w = outs[0][0].shape[-2:]
+        gh, gw = grid_size(h, w, self.cfg.patch)
+        for i in srcs:
+            if i not in pooled:
+                pooled[i] = pool_grid(states[i], gh, gw)
+        flat = [f for edge_outs in outs for f in edge_outs]
+        live = self.attention[n](torch.cat([pooled[i] for i in srcs], 1), flat)   # K B gh gw
+        scores, k = [], 0
+        for op in edges:
+            s = live.new_zeros(live.shape[1], len(op.primitives), gh, gw)
+            s[:, op.live] = live[k:k + len(op.live)].transpose(0, 1)
+            scores.append(s)
+            k += len(op.live)
+        return scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Search networks
+
+class ResNetBasicblock(nn.Module):
+    """NAS-Bench-201's stride-2 residual block between stages."""
+
+    def __init__(self, inplanes, planes, stride, affine=True):
+        super().__init__()
+        self.conv_a = ReLUConvBN(inplanes, planes, 3, stride, 1, affine)
+        self.conv_b = ReLUConvBN(planes, planes, 3, 1, 1, affine)
+        if stride == 2:
+            self.downsample = nn.Sequential(nn.AvgPool2d(2, 2, 0),
+                                            nn.Conv2d(inplanes, planes, 1, 1, 0, bias=False))
+        elif inplanes != planes:
+            self.downsample = ReLUConvBN(inplanes, planes, 1, 1, 0, affine)
+        else:
+            self.downsample = None
+
+    def forward(self, x):
+        out = self.conv_b(self.conv_a(x))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class SearchNetwork(nn.Module):
+    """The supernet of any space. DARTS-style spaces: DARTS's search Network (stem 3C, `layers` cells,
+    reductions at 1/3 and 2/3). NB201: the NAS-Bench-201 macro network (three stages of `cells` cells
+    at C, 2C, 4C joined by residual blocks)."""
+
+    def __init__(self, space, C=16, num_classes=10, layers=8, cells=5, cfg=ArchConfig(), stem_multiplier=3):
+        super().__init__()
+        self.space_name, self.space, self.cfg = space, get_space(space), cfg
+        self.kind = self.space['kind']
+        for cell_type in ('normal', 'reduce') if self.kind == 'darts' else ('normal',):
+            lengths = {len(ops) for ops in self.space[cell_type]}
+            assert len(lengths) == 1, 'a static alpha table needs the same number of candidates on every edge'
+        self.cells = nn.ModuleList()
+        if self.kind == 'darts':
+            C_curr = stem_multiplier * C
+            self.stem = nn.Sequential(nn.Conv2d(3, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr))
+            C_pp, C_p, C_curr = C_curr, C_curr, C
+            reduction_prev = False
+            for i in range(layers):
+                reduction = i in (layers // 3, 2 * layers // 3)
+                if reduction:
+                    C_curr *= 2
+                cell_type = 'reduce' if reduction else 'normal'
+                self.cells.append(SearchCell('darts', self.space[cell_type], C_pp, C_p, C_curr, reduction,
+                                             reduction_prev, cfg))
+                reduction_prev = reduction
+                C_pp, C_p = C_p, 4 * C_curr
+            self.lastact = nn.Identity()
+        else:
+            self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+            C_p = C
+            for stage in range(3):
+                C_curr = C * 2 ** stage
+                if stage > 0:
+                    self.cells.append(ResNetBasicblock(C_p, C_curr, 2))
+                for _ in range(cells):
+                    self.cells.append(SearchCell('nb201', self.space['normal'], None, C_curr, C_curr, False, False, cfg))
+                C_p = C_curr
+            self.lastact = nn.Sequential(nn.BatchNorm2d(C_p), nn.ReLU(inplace=True))
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_p, num_classes)
+        if cfg.method == 'darts':  # one table per cell type, shared by all cells of that type (§6)
+            self.alphas = nn.ParameterDict({
+                t: nn.Parameter(1e-3 * torch.randn(len(self.space[t]), len(self.space[t][0])))
+                for t in (('normal', 'reduce') if self.kind == 'darts' else ('normal',))})
+        else:
+            self.alphas = None
+
+    def cell_type(self, cell):
+        return 'reduce' if cell.reduction else 'normal'
+
+    def forward(self, x, recorder=None):
+        s0 = s1 = self.stem(x)
+        for cell in self.cells:
+            if isinstance(cell, SearchCell):
+                alpha = self.alphas[self.cell_type(cell)] if self.alphas is not None else None
+                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder)
+            else:
+                s0, s1 = s1, cell(s1)
+        out = self.global_pooling(self.lastact(s1))
+        return self.classifier(out.flatten(1))
+
+    def arch_parameters(self):
+        if self.alphas is not None:
+            return list(self.alphas.values())
+        return [p for cell in self.search_cells() for p in cell.attention.parameters()]
+
+    def weight_parameters(self):
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def search_cells(self):
+        return [c for c in self.cells if isinstance(c, SearchCell)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Averaged weights for decoding (§8)
+
+class WeightAverager:
+    """A recorder for SearchNetwork.forward: sums w, gamma and pi over samples and patches, per cell
+    type, node and edge. Average over samples and patches first, then over the cells of one type."""
+
+    def __init__(self, model):
+        self.model = model
+        self.sums = {}
+
+    def __call__(self, cell, n, w, gamma, pi):
+        key = (self.model.cell_type(cell), id(cell), n)
+        batch = max(t.shape[0] for t in w)
+        means = {'w': [x.detach().float().mean((0, 2, 3)) for x in w]}
+        if gamma is not None:
+            means['gamma'] = gamma.detach().float().mean((1, 2, 3))
+            means['pi'] = pi.detach().float().mean((1, 2, 3))
+        acc = self.sums.setdefault(key, {'count': 0})
+        for k, v in means.items():
+            prev = acc.get(k)
+            scaled = [t * batch for t in v] if isinstance(v, list) else v * batch
+            acc[k] = scaled if prev is None else ([a + b for a, b in zip(prev, scaled)] if isinstance(v, list)
+                                                  else prev + scaled)
+        acc['count'] += batch
+
+    def result(self):
+        """-> {cell_type: {'weights': [[w per op] per edge], 'gamma': [per edge] or None,
+        'pairs': [[pi per pair] per node] or None}} as plain floats."""
+        per_type = {}
+        for (cell_type, _, n), acc in self.sums.items():
+            per_type.setdefault(cell_type, {}).setdefault(n, []).append(acc)
+        out = {}
+        for cell_type, nodes in per_type.items():
+            weights, gamma, pairs = [], [], []
+            for n in sorted(nodes):
+                accs = nodes[n]
+                cell_mean = lambda k: [[x / a['count'] for x in a[k]] if isinstance(a[k], list)
+                                       else a[k] / a['count'] for a in accs]
+                ws = cell_mean('w')
+                weights += [torch.stack([c[e] for c in ws]).mean(0).tolist() for e in range(len(ws[0]))]
+                if 'gamma' in accs[0]:
+                    gamma += torch.stack(cell_mean('gamma')).mean(0).tolist()
+                    pairs.append(torch.stack(cell_mean('pi')).mean(0).tolist())
+            out[cell_type] = {'weights': weights, 'gamma': gamma or None, 'pairs': pairs or None}
+        return out
+
+
+@torch.no_grad()
+def average_weights(model, batches):
+    """Run the supernet in eval mode over `batches` (an iterable of (x, y)) and average its mixing
+    weights (§8)."""
+    was_training = model.training
+    model.eval()
+    averager = WeightAverager(model)
+    for x, _ in batches:
+        model(x, recorder=averager)
+    model.train(was_training)
+    return averager.result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation (retraining) networks, METHOD.md §10.
+#
+# DARTS-family networks with the semantics of the original DARTS `cnn/model.py` (NetworkCIFAR,
+# NetworkImageNet, their cells and auxiliary heads), and the NAS-Bench-201 evaluation network
+# (the benchmark's TinyNetwork: InferCell stages joined by ResNet basic blocks). Parameter counts
+# equal those of the original implementations (checked side by side). Every network's forward
+# returns (logits, logits_aux), logits_aux None when there is no auxiliary head or in eval mode.
+# ---------------------------------------------------------------------------------------------
+
+def drop_path(x, drop_prob):
+    """Drop whole samples of an op's output with probability drop_prob, scaling the survivors by
+    1/keep_prob (DARTS utils.drop_path, out of place so autograd never sees an in-place edit)."""
+    if drop_prob > 0.:
+        keep_prob = 1. - drop_prob
+        mask = x.new_empty(x.size(0), 1, 1, 1).bernoulli_(keep_prob)
+        x = x.div(keep_prob) * mask
+    return x
+
+
+class Cell(nn.Module):
+    """A fixed (discrete) DARTS cell: two preprocessed inputs, len(ops)//2 nodes each summing two
+    ops, output the channel concat of the genotype's concat states. Works for any node count
+    (NASNet/AmoebaNet have 5) and for any op OPS knows."""
+
+    def __init__(self, genotype, C_prev_prev, C_prev, C, reduction, reduction_prev):
+        super().__init__()
+        self.reduction = reduction
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0)
+
+        edges = genotype.reduce if reduction else genotype.normal
+        concat = genotype.reduce_concat if reduction else genotype.normal_concat
+        if not edges or len(edges) % 2:
+            raise ValueError('a cell needs an even, non-zero number of (op, input) pairs')
+        op_names, indices = zip(*edges)
+        self._steps = len(op_names) // 2
+        self._indices = [int(i) for i in indices]
+        self._concat = [int(i) for i in concat]
+        self.multiplier = len(self._concat)
+        self._ops = nn.ModuleList()
+        for name, index in zip(op_names, self._indices):
+            stride = 2 if reduction and index < 2 else 1  # only the cell inputs are at full resolution
+            self._ops.append(OPS[name](C, stride, True))
+
+    def forward(self, s0, s1, drop_prob=0.):
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        for i in range(self._steps):
+            node = 0
+            for e in (2 * i, 2 * i + 1):
+                op = self._ops[e]
+                h = op(states[self._indices[e]])
+                if self.training and drop_prob > 0. and not isinstance(op, Identity):
+                    h = drop_path(h, drop_prob)
+                node = node + h
+            states.append(node)
+        return torch.cat([states[i] for i in self._concat], dim=1)
+
+
+class AuxiliaryHeadCIFAR(nn.Module):
+    """Auxiliary classifier on the 8x8 maps after the second reduction (CIFAR, 32x32 input)."""
+
+    def __init__(self, C, num_classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False),  # 8x8 -> 2x2
+            nn.Conv2d(C, 128, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, 2, bias=False),  # -> 1x1
+            nn.BatchNorm2d(768),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.flatten(1))
+
+
+class AuxiliaryHeadImageNet(nn.Module):
+    """Auxiliary classifier after the second reduction of NetworkImageNet. The original DARTS code
+    documents a 14x14 input, but at 224x224 the maps there are 7x7 (-> 2x2 -> 1x1). As in the
+    original, there is no BatchNorm after the 768-channel conv (the paper's models lack it)."""
+
+    def __init__(self, C, num_classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.ReLU(inplace=False),
+            nn.AvgPool2d(5, stride=2, padding=0, count_include_pad=False),
+            nn.Conv2d(C, 128, 1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(128, 768, 2, bias=False),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Linear(768, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.classifier(x.flatten(1))
+
+
+def _stack_cells(net, genotype, C, layers, C_prev_prev, C_prev, reduction_prev):
+    """Build net.cells: reductions (channels doubled) at layers//3 and 2*layers//3. -> (channels
+    of the last cell, channels at the auxiliary position 2*layers//3)."""
+    net.cells = nn.ModuleList()
+    C_curr, C_aux = C, None
+    for i in range(layers):
+        reduction = i in (layers // 3, 2 * layers // 3)
+        if reduction:
+            C_curr *= 2
+        cell = Cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+        net.cells.append(cell)
+        reduction_prev = reduction
+        C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
+        if i == 2 * layers // 3:
+            C_aux = C_prev
+    return C_prev, C_aux
+
+
+class NetworkCIFAR(nn.Module):
+    """The DARTS CIFAR evaluation network (20 cells, 36 channels in the paper). Set
+    `drop_path_prob` from the training loop; forward -> (logits, logits_aux or None)."""
+
+    def __init__(self, C, num_classes, layers, auxiliary, genotype, drop_path_prob=0.0):
+        super().__init__()
+        self._layers = layers
+        self._auxiliary = auxiliary
+        self.drop_path_prob = drop_path_prob
+        stem_multiplier = 3
+        C_stem = stem_multiplier * C
+        self.stem = nn.Sequential(nn.Conv2d(3, C_stem, 3, padding=1, bias=False), nn.BatchNorm2d(C_stem))
+        C_prev, C_aux = _stack_cells(self, genotype, C, layers, C_stem, C_stem, False)
+        if auxiliary:
+            self.auxiliary_head = AuxiliaryHeadCIFAR(C_aux, num_classes)
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, x):
+        logits_aux = None
+        s0 = s1 = self.stem(x)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == 2 * self._layers // 3 and self._auxiliary and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1)), logits_aux
+
+
+class NetworkImageNet(nn.Module):
+    """The DARTS mobile-setting ImageNet network (14 cells, 48 channels; 224x224 input, three
+    stride-2 stem convs). forward -> (logits, logits_aux or None)."""
+
+    def __init__(self, C, num_classes, layers, auxiliary, genotype, drop_path_prob=0.0):
+        super().__init__()
+        self._layers = layers
+        self._auxiliary = auxiliary
+        self.drop_path_prob = drop_path_prob
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(3, C // 2, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C),
+        )
+        self.stem1 = nn.Sequential(
+            nn.ReLU(inplace=False),  # stem0's output is also the first cell's s0: leave it intact
+            nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C),
+        )
+        # reduction_prev=True: s0 (stem0) has twice the resolution of s1 (stem1)
+        C_prev, C_aux = _stack_cells(self, genotype, C, layers, C, C, True)
+        if auxiliary:
+            self.auxiliary_head = AuxiliaryHeadImageNet(C_aux, num_classes)
+        self.global_pooling = nn.AvgPool2d(7)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, x):
+        logits_aux = None
+        s0 = self.stem0(x)
+        s1 = self.stem1(s0)
+        for i, cell in enumerate(self.cells):
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            if i == 2 * self._layers // 3 and self._auxiliary and self.training:
+                logits_aux = self.auxiliary_head(s1)
+        out = self.global_pooling(s1)
+        return self.classifier(out.flatten(1)), logits_aux
+
+
+# ---------------------------------------------------------------------------------------------
+# NAS-Bench-201 evaluation network
+
+class InferCell(nn.Module):
+    """A fixed NAS-Bench-201 cell: node k (1..3) = sum over j<k of op_jk(node j); output = node 3.
+    'none' edges are kept (as zeros), as in the benchmark's code; a node whose inputs are all
+    'none' is zero."""
+
+    def __init__(self, arch, C):
+        super().__init__()
+        ops = nb201_parse(arch) if isinstance(arch, str) else list(arch)
+        self.arch = arch
+        self.layers = nn.ModuleList([OPS[name](C, 1, True) for name in ops])
+        self._inputs, k, e = [], 1, 0  # per node: [(edge index, input node)]
+        while e < len(ops):
+            self._inputs.append([(e + j, j) for j in range(k)])
+            e, k = e + k, k + 1
+        self.in_dim = self.out_dim = C
+
+    def forward(self, x):
+        nodes = [x]
+        for inputs in self._inputs:
+            nodes.append(sum(self.layers[e](nodes[j]) for e, j in inputs))
+        return nodes[-1]
+
+
+class NB201Network(nn.Module):
+    """NAS-Bench-201's TinyNetwork: stem, three stages of N InferCells at C, 2C, 4C channels joined
+    by stride-2 ResNet blocks, BN-ReLU, global pooling, linear. forward -> (logits, None), the same
+    shape as the DARTS networks (`drop_path_prob` exists for a uniform training loop, unused)."""
+
+    def __init__(self, C, N, arch, num_classes):
+        super().__init__()
+        self.arch = arch
+        self.drop_path_prob = 0.0
+        self.stem = nn.Sequential(nn.Conv2d(3, C, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.cells = nn.ModuleList()
+        C_prev = C
+        for stage, C_curr in enumerate((C, 2 * C, 4 * C)):
+            if stage > 0:
+                self.cells.append(ResNetBasicblock(C_prev, C_curr, 2))
+            for _ in range(N):
+                self.cells.append(InferCell(arch, C_curr))
+            C_prev = C_curr
+        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+
+    def forward(self, x):
+        feature = self.stem(x)
+        for cell in self.cells:
+            feature = cell(feature)
+        out = self.global_pooling(self.lastact(feature))
+        return self.classifier(out.flatten(1)), None
+
+
+def count_parameters(model, exclude_auxiliary=True):
+    """Number of parameters; like DARTS, those of the auxiliary head (names containing
+    'auxiliary') are left out unless exclude_auxiliary=False."""
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not (exclude_auxiliary and 'auxiliary' in name))

@@ -1,0 +1,373 @@
+"""Bilevel MIDAS / DARTS search (METHOD.md §7) and decoding (§8).
+
+    python search.py --space darts --patch 4                 # MIDAS, DARTS space, CIFAR-10
+    python search.py --space nb201 --nb201-table nb201_accuracies.csv
+    python search.py --space darts --method darts            # the static-alpha baseline
+    python search.py ... --resume RUN                        # continue a killed run
+
+Writes into the run folder: log.txt, args.json, history.json (the genotype decoded at every epoch),
+genotype.json, weights.json (the averaged weights it was decoded from, with margins), checkpoint.pt.
+"""
+import argparse
+import csv
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from data import DATASETS, GPULoader, load_dataset, split_indices
+from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
+from model import ArchConfig, SearchNetwork, average_weights
+from train import (Logger, Parser, RunError, all_reduce_mean, format_eta, load_checkpoint, run_cli,
+                   save_checkpoint, seed_everything, setup_distributed, write_json)
+
+# Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
+CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'dataset',
+               'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
+               'unrolled', 'lr', 'lr_min', 'arch_lr']
+
+
+def get_args(argv=None):
+    p = Parser(description='MIDAS / DARTS architecture search')
+    p.add_argument('--data', default='./data', help='dataset root (CIFAR is downloaded here when absent)')
+    p.add_argument('--save', default=None, help='run folder (default runs/search-SPACE-METHOD-TIME)')
+    p.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
+                   help='fetch CIFAR from its official URL when absent from --data')
+    p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120'])
+    p.add_argument('--space', default='darts', help='darts, s1, s2, s3, s4 or nb201')
+    p.add_argument('--method', default='midas', help='midas (attention) or darts (static alpha)')
+    p.add_argument('--patch', type=int, default=4, help='patch side in pixels; 0 = global pooling')
+    p.add_argument('--topology', action=argparse.BooleanOptionalAction, default=None,
+                   help='pair-of-edges node (default: on for midas, off for darts; never for nb201)')
+    p.add_argument('--attn-dim', type=int, default=32)
+    p.add_argument('--tau', type=float, default=1.0)
+    p.add_argument('--token', default='meanstd', choices=['mean', 'meanstd'],
+                   help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12)")
+    p.add_argument('--token-norm', action=argparse.BooleanOptionalAction, default=True, help='LayerNorm on query/key tokens')
+    p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
+    p.add_argument('--epochs', type=int, default=50)
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--init-channels', type=int, default=16)
+    p.add_argument('--layers', type=int, default=8, help='cells of a DARTS-style supernet')
+    p.add_argument('--cells', type=int, default=5, help='cells per stage of the NB201 supernet')
+    p.add_argument('--subset', type=int, default=0, help='use only the first N training images (0 = all)')
+    p.add_argument('--train-portion', type=float, default=0.5)
+    p.add_argument('--lr', type=float, default=0.025)
+    p.add_argument('--lr-min', type=float, default=0.001)
+    p.add_argument('--momentum', type=float, default=0.9)
+    p.add_argument('--weight-decay', type=float, default=3e-4)
+    p.add_argument('--grad-clip', type=float, default=5.0)
+    p.add_argument('--arch-lr', type=float, default=3e-4)
+    p.add_argument('--arch-weight-decay', type=float, default=1e-3)
+    p.add_argument('--decode-samples', type=int, default=0,
+                   help='images of the search-train split used for the final decode (0 = all)')
+    p.add_argument('--epoch-decode-samples', type=int, default=2048, help='images for the per-epoch decode')
+    p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA)')
+    p.add_argument('--compile', action='store_true', help='torch.compile the supernet')
+    p.add_argument('--report-freq', type=int, default=50, help='log every N iterations')
+    p.add_argument('--resume', default=None, metavar='RUN', help='continue the run in folder RUN')
+    args = p.parse_args(argv)
+    return args
+
+
+def check_args(args):
+    space = get_space(args.space)
+    if args.topology is None:
+        args.topology = args.method == 'midas' and space['kind'] == 'darts'
+    cfg = ArchConfig(method=args.method, patch=args.patch, topology=args.topology, attn_dim=args.attn_dim,
+                     tau=args.tau, token=args.token, token_norm=args.token_norm)
+    size = DATASETS[args.dataset]['size']
+    if args.patch > size:
+        raise RunError(f'--patch {args.patch} is larger than the {size}x{size} images; use 0 for global pooling')
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells'):
+        if getattr(args, name) < 1:
+            raise RunError(f"--{name.replace('_', '-')} must be at least 1")
+    if space['kind'] == 'darts' and args.layers < 3:
+        raise RunError('--layers must be at least 3 (a DARTS supernet has two reduction cells)')
+    if not 0 < args.train_portion < 1:
+        raise RunError('--train-portion must be between 0 and 1')
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# NAS-Bench-201 table
+
+NB201_COLUMNS = {'cifar10': 'c10', 'cifar100': 'c100', 'imagenet16-120': 'in16'}
+
+
+def load_nb201_table(path):
+    """arch string -> row of floats (columns as in shared/data/nb201_accuracies.csv)."""
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise RunError(f"cannot read --nb201-table '{path}': {e.strerror}") from None
+    if not rows or 'arch' not in rows[0] or 'c10_test' not in rows[0]:
+        raise RunError(f"'{path}' is not a NAS-Bench-201 table (needs columns arch, c10_valid, c10_test, ...)")
+    return {r['arch']: {k: float(v) for k, v in r.items() if k not in ('arch', 'index') and v not in ('', None)}
+            for r in rows}
+
+
+def nb201_score(table, arch, dataset):
+    row = table.get(arch) if table else None
+    if row is None:
+        return None
+    prefix = NB201_COLUMNS.get(dataset, 'c10')
+    return {'valid': row.get(f'{prefix}_valid'), 'test': row.get(f'{prefix}_test')}
+
+
+# ---------------------------------------------------------------------------------------------
+# One search iteration: an architecture step on a search-val batch, then a weight step (§7)
+
+def arch_step(model, arch_params, arch_opt, x, y, world, autocast):
+    arch_opt.zero_grad(set_to_none=True)
+    with autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    # Gradients for the architecture parameters only: the weights' gradients are never computed.
+    grads = torch.autograd.grad(loss, arch_params)
+    for p, g in zip(arch_params, grads):
+        p.grad = g
+    all_reduce_mean(grads, world)
+    arch_opt.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast):
+    w_opt.zero_grad(set_to_none=True)
+    with autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+    loss.backward(inputs=weights)  # the architecture parameters get no gradient here
+    all_reduce_mean([p.grad for p in weights], world)
+    torch.nn.utils.clip_grad_norm_(weights, grad_clip)
+    w_opt.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, batch_train, lr, args, world,
+                       autocast):
+    """DARTS's second-order step: the gradient at w' = w - lr * dL_train/dw, with the Hessian-vector
+    product by finite differences (eps = 0.01 / ||dL_val/dw'||). Weights are restored afterwards."""
+    (x_val, y_val), (x_tr, y_tr) = batch_val, batch_train
+    arch_opt.zero_grad(set_to_none=True)
+    backup = [p.detach().clone() for p in weights]
+
+    def train_loss():
+        with autocast():
+            return F.cross_entropy(model(x_tr), y_tr)
+
+    g_train = torch.autograd.grad(train_loss(), weights)
+    all_reduce_mean(list(g_train), world)
+    with torch.no_grad():
+        for p, g in zip(weights, g_train):  # the virtual SGD step, momentum and weight decay included
+            buf = w_opt.state.get(p, {}).get('momentum_buffer')
+            step = g + args.weight_decay * p
+            if buf is not None:
+                step = step + args.momentum * buf
+            p.sub_(lr * step)
+    with autocast():
+        logits = model(x_val)
+        loss = F.cross_entropy(logits, y_val)
+    grads = torch.autograd.grad(loss, arch_params + weights)
+    d_arch, d_w = list(grads[:len(arch_params)]), list(grads[len(arch_params):])
+    all_reduce_mean(d_arch + d_w, world)
+    eps = 0.01 / torch.cat([g.reshape(-1) for g in d_w]).norm().clamp_min(1e-12)
+    hessian = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, b, g in zip(weights, backup, d_w):
+                p.copy_(b + sign * eps * g)
+        hessian.append(torch.autograd.grad(train_loss(), arch_params))
+    with torch.no_grad():
+        for p, b in zip(weights, backup):
+            p.copy_(b)
+    for p, g, hp, hm in zip(arch_params, d_arch, *hessian):
+        p.grad = g - lr * (hp - hm) / (2 * eps)
+    all_reduce_mean([p.grad for p in arch_params], world)
+    arch_opt.step()
+    return loss.detach(), (logits.argmax(1) == y_val).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (§8)
+
+def decode(model, batches, args):
+    """-> (genotype or NB201 arch string, record with the averaged weights and the decode margins)."""
+    result = average_weights(model, batches)
+    if get_space(args.space)['kind'] == 'nb201':
+        arch, margins = decode_nb201(result['normal']['weights'])
+        return arch, {'weights': result, 'margins': {'normal': margins}}
+    weights = {t: result[t]['weights'] for t in ('normal', 'reduce')}
+    pairs = {t: result[t]['pairs'] for t in ('normal', 'reduce')} if args.topology else None
+    genotype, margins = decode_darts(args.space, weights, pairs)
+    return genotype, {'weights': result, 'margins': margins}
+
+
+def decode_batches(loader, n_images, method):
+    """Un-augmented batches of the search-train split, at most n_images (0 = all). A static table needs
+    one batch: its weights do not depend on the input."""
+    limit = 1 if method == 'darts' else (math.ceil(n_images / loader.batch_size) if n_images else None)
+    for k, batch in enumerate(loader):
+        if limit is not None and k >= limit:
+            return
+        yield batch
+
+
+def min_margin(margins):
+    values = [m[key] for ms in margins.values() for m in ms for key in ('op_margin', 'edge_margin') if key in m]
+    return min(values) if values else float('nan')
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = get_args(argv)
+    cfg = check_args(args)
+    rank, world, device = setup_distributed(args.device)
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
+    resume_state = None
+    if args.resume:
+        args.save = args.resume
+        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, CONFIG_KEYS)
+    elif args.save is None:
+        args.save = os.path.join('runs', f"search-{args.space}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+    elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
+        raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
+                       "or choose another --save")
+    if rank == 0:
+        os.makedirs(args.save, exist_ok=True)
+    log = Logger(args.save, rank)
+    seed_everything(args.seed)
+    table = load_nb201_table(args.nb201_table) if args.nb201_table else None
+
+    # Data: the training set split in two halves, search-train (weights) and search-val (architecture).
+    meta = DATASETS[args.dataset]
+    x, y = load_dataset(args.dataset, args.data, train=True, download=args.download)
+    if args.subset:
+        x, y = x[:args.subset], y[:args.subset]
+    train_idx, val_idx = split_indices(len(y), args.train_portion)
+    if len(train_idx) < args.batch_size or len(val_idx) < args.batch_size:
+        raise RunError(f'{len(y)} images split {args.train_portion}: each half needs at least one batch of '
+                       f'{args.batch_size}')
+    use_cuda = device.type == 'cuda'
+    pad = 2 if meta['size'] == 16 else 4
+    loader_kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=pad,
+                     flip=args.dataset != 'svhn', channels_last=use_cuda)
+    # Each rank takes its slice of every global batch, so --batch-size is the global batch.
+    train_q = GPULoader(x[train_idx], y[train_idx], args.batch_size, seed=args.seed, **loader_kw)
+    val_q = GPULoader(x[val_idx], y[val_idx], args.batch_size, seed=args.seed + 1, **loader_kw)
+    decode_q = GPULoader(x[train_idx], y[train_idx], 256, shuffle=False, drop_last=False, augment=False,
+                         seed=0, **loader_kw)
+    if world > 1:
+        train_q.shard(rank, world)
+        val_q.shard(rank, world)
+    del x, y
+
+    model = SearchNetwork(args.space, args.init_channels, meta['num_classes'], args.layers, args.cells, cfg).to(device)
+    if use_cuda:
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    arch_params, weights = model.arch_parameters(), model.weight_parameters()
+    w_opt = torch.optim.SGD(weights, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    arch_opt = torch.optim.Adam(arch_params, args.arch_lr, betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=args.lr_min)
+    forward = torch.compile(model) if args.compile else model
+    amp = args.amp == 'bf16' or (args.amp == 'auto' and use_cuda)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+    start_epoch, history = 0, []
+    if resume_state is not None:
+        model.load_state_dict(resume_state['model'])
+        w_opt.load_state_dict(resume_state['w_opt'])
+        arch_opt.load_state_dict(resume_state['arch_opt'])
+        scheduler.load_state_dict(resume_state['scheduler'])
+        train_q.load_state_dict(resume_state['train_q'])
+        val_q.load_state_dict(resume_state['val_q'])
+        torch.set_rng_state(resume_state['rng_cpu'])
+        if use_cuda and resume_state.get('rng_cuda') is not None:
+            torch.cuda.set_rng_state(resume_state['rng_cuda'], device)
+        start_epoch, history = resume_state['epoch'], resume_state['history']
+        log(f'resumed {args.save} at epoch {start_epoch}')
+    else:
+        if rank == 0:
+            write_json(os.path.join(args.save, 'args.json'), vars(args))
+        n_arch = sum(p.numel() for p in arch_params)
+        n_w = sum(p.numel() for p in weights)
+        log(f'search {args.space} {args.method} patch={args.patch} topology={args.topology} on {args.dataset}: '
+            f'{len(train_idx)}+{len(val_idx)} images, {n_w / 1e6:.3f}M weights, {n_arch} architecture '
+            f'parameters, device {device}, world {world}')
+
+    steps = len(train_q)
+    t_start, done_iters = time.time(), 0
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        lr = scheduler.get_last_lr()[0]
+        totals = torch.zeros(4, device=device)  # train loss, train correct, val loss, val correct
+        seen = 0
+        t_log, it_log = time.time(), 0
+        for step, (x_tr, y_tr) in enumerate(train_q):
+            x_val, y_val = val_q.next_batch()
+            if args.unrolled:
+                v_loss, v_ok = unrolled_arch_step(forward, arch_params, weights, arch_opt, w_opt, (x_val, y_val),
+                                                  (x_tr, y_tr), lr, args, world, autocast)
+            else:
+                v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast)
+            t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast)
+            totals += torch.stack([t_loss * len(y_tr), t_ok.float(), v_loss * len(y_val), v_ok.float()])
+            seen += len(y_tr)
+            it_log += 1
+            if (step + 1) % args.report_freq == 0 or step + 1 == steps:
+                t = totals.tolist()  # the only host synchronisation, once per report
+                dt = time.time() - t_log
+                done_iters += it_log
+                rate = it_log * len(y_tr) * world / dt
+                left = (args.epochs - epoch) * steps - step - 1
+                eta = (time.time() - t_start) / done_iters * left
+                log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} lr {lr:.4f} '
+                    f'train loss {t[0] / seen:.3f} acc {100 * t[1] / seen:.1f}% | '
+                    f'val loss {t[2] / seen:.3f} acc {100 * t[3] / seen:.1f}% | '
+                    f'{rate:.0f} img/s {dt / it_log:.3f} s/it ETA {format_eta(eta)}')
+                t_log, it_log = time.time(), 0
+        scheduler.step()
+
+        genotype, record = decode(model, decode_batches(decode_q, args.epoch_decode_samples, args.method), args)
+        entry = {'epoch': epoch + 1, 'train_acc': 100 * t[1] / seen, 'val_acc': 100 * t[3] / seen,
+                 'genotype': genotype_to_json(genotype, args.space), 'min_margin': min_margin(record['margins'])}
+        score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
+        if score:
+            entry['nb201'] = score
+        history.append(entry)
+        log(f'epoch {epoch + 1} genotype {genotype} (smallest decode margin {entry["min_margin"]:.4f})')
+        if score:
+            log(f"epoch {epoch + 1} NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}")
+        if rank == 0:
+            write_json(os.path.join(args.save, 'history.json'), history)
+            save_checkpoint(os.path.join(args.save, 'checkpoint.pt'), {
+                'config': config, 'epoch': epoch + 1, 'history': history, 'model': model.state_dict(),
+                'w_opt': w_opt.state_dict(), 'arch_opt': arch_opt.state_dict(), 'scheduler': scheduler.state_dict(),
+                'train_q': train_q.state_dict(), 'val_q': val_q.state_dict(), 'rng_cpu': torch.get_rng_state(),
+                'rng_cuda': torch.cuda.get_rng_state(device) if use_cuda else None})
+
+    genotype, record = decode(model, decode_batches(decode_q, args.decode_samples, args.method), args)
+    score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
+    if rank == 0:
+        write_json(os.path.join(args.save, 'weights.json'), record)
+        result = genotype_to_json(genotype, args.space)
+        if score:
+            result['nb201'] = score
+        write_json(os.path.join(args.save, 'genotype.json'), result)
+    log(f'final genotype {genotype} (smallest decode margin {min_margin(record["margins"]):.4f})')
+    if score:
+        log(f"final NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}")
+    log(f"wrote {os.path.join(args.save, 'genotype.json')}")
+    return genotype
+
+
+if __name__ == '__main__':
+    run_cli(main)
