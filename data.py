@@ -168,7 +168,8 @@ def _load_svhn(root, train, download):
         ds = tv.datasets.SVHN(root, split='train' if train else 'test', download=download)
     except Exception as e:
         raise DataError(f"SVHN could not be loaded from {root} ({type(e).__name__}: {e}); put train_32x32.mat and "
-                        f"test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ there, or allow downloading") from e
+                        f"test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ there, "
+                        f"or allow downloading") from e
     return torch.from_numpy(np.ascontiguousarray(ds.data, dtype=np.uint8)), torch.from_numpy(ds.labels.astype(np.int64))
 
 
@@ -187,7 +188,8 @@ def load_dataset(name, root, train=True, download=True):
     if name == 'svhn':
         return _load_svhn(root, train, download)
     if name == 'imagenet':
-        raise DataError("imagenet is a class-folder dataset too large to hold in memory; use imagenet_loader(root, ...)")
+        raise DataError("imagenet is a class-folder dataset too large to hold in memory; "
+                        "use imagenet_loader(root, ...)")
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -235,7 +237,7 @@ def _crop_flip(images, idx, p, size, crop_pad):
         return images[idx]
     s = p['shift'].to(images.device) if 'shift' in p else torch.full((len(idx), 2), crop_pad, device=images.device)
     row, col = s[:, 0], s[:, 1]
-    if 'flip' in p:  # the mirror of the crop at column c is the mirror image's crop at column 2 pad - c
+    if 'flip' in p:  # the crop at column c, mirrored, is the mirror image's crop at its column 2 pad - c
         col = torch.where(p['flip'].to(images.device), w + 4 * crop_pad - col, col)
     # Every crop is a view into unfold's (N, C, rows, cols, H, W) tensor; one advanced index copies the batch.
     return images.unfold(2, h, 1).unfold(3, w, 1)[idx, :, row, col]
@@ -249,7 +251,8 @@ def _cutout(x, p, length):
     rows, cols = torch.arange(x.shape[2], device=x.device), torch.arange(x.shape[3], device=x.device)
     out_rows = (rows < c[:, :1] - length // 2) | (rows >= c[:, :1] + length // 2)
     out_cols = (cols < c[:, 1:] - length // 2) | (cols >= c[:, 1:] + length // 2)
-    return x.mul_(out_rows[:, None, :, None] | out_cols[:, None, None, :])  # multiply by "keep": cheaper than masked_fill_
+    keep = out_rows[:, None, :, None] | out_cols[:, None, None, :]
+    return x.mul_(keep)  # cheaper than masked_fill_; -0.0 where the value was negative, which equals 0
 
 
 def _affine(mean, std, device):
@@ -507,6 +510,8 @@ if __name__ == '__main__':
                        cutout=a.cutout, channels_last=a.channels_last)
     sync = torch.cuda.synchronize if loader.device.type == 'cuda' else (lambda: None)
     loader.next_batch()  # warm-up
+    # On a CPU shared with other busy processes, OpenMP's spin-waiting makes every multi-threaded op wait for a
+    # descheduled thread: expect several times less there (OMP_WAIT_POLICY=PASSIVE or --threads 1 avoid it).
     for epoch in range(a.epochs):
         sync()
         t0, seen = time.perf_counter(), 0
@@ -516,4 +521,4 @@ if __name__ == '__main__':
         dt = time.perf_counter() - t0
         print(f"{a.dataset}: epoch {epoch}, {seen} images in {dt:.2f} s = {seen / dt:,.0f} images/s "
               f"(batch {a.batch_size}, crop pad {cfg['crop_pad']}, flip, cutout {a.cutout}, {loader.device}, "
-              f"{torch.get_num_threads()} threads)")
+              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")

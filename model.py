@@ -51,10 +51,13 @@ def grid_size(h, w, patch):
 
 
 def pool_grid(x, gh, gw):
-    """Mean over each grid cell -> B x C x gh x gw. A view + mean when the grid divides the map."""
+    """Mean over each grid cell -> B x C x gh x gw. avg_pool2d when the grid divides the map: a
+    dedicated kernel, several times faster on CPU than a mean over a 6-d view."""
     b, c, h, w = x.shape
+    if gh == 1 and gw == 1:
+        return x.mean((2, 3), keepdim=True)
     if h % gh == 0 and w % gw == 0:
-        return x.view(b, c, gh, h // gh, gw, w // gw).mean((3, 5))
+        return F.avg_pool2d(x, (h // gh, w // gw))
     return F.adaptive_avg_pool2d(x, (gh, gw))
 
 
@@ -64,21 +67,18 @@ def std_grid(x, mean, gh, gw):
 
 
 def mix_add(acc, f, w):
-    """acc + up(w) * f for f: B x C x H x W and patch weights w: (B or 1) x gh x gw. Viewing f as
-    B x C x gh x ph x gw x pw makes the weight broadcast over its pixels: no upsampled tensor, the
-    same number of multiplies as DARTS's scalar mix (§12)."""
-    b, c, h, wd = f.shape
+    """acc + up(w) * f for f: B x C x H x W and patch weights w: (B or 1) x gh x gw. The weights are
+    upsampled to one B x 1 x H x W map (1/C of f's size) and broadcast over channels: every kernel,
+    forward and backward, is a plain dense one (a broadcast over a 6-d view of f was 3x slower on CPU)."""
+    h, wd = f.shape[-2:]
     gh, gw = w.shape[-2:]
     if gh == 1 and gw == 1:
         w = w.reshape(-1, 1, 1, 1)
-        return f * w if acc is None else torch.addcmul(acc, f, w)
-    if h % gh == 0 and wd % gw == 0:
-        fv = f.view(b, c, gh, h // gh, gw, wd // gw)
-        wv = w.reshape(w.shape[0], 1, gh, 1, gw, 1)
-        out = (fv * wv).view(b, c, h, wd)
+    elif h % gh == 0 and wd % gw == 0:
+        w = w.unsqueeze(1).repeat_interleave(h // gh, 2).repeat_interleave(wd // gw, 3)
     else:
-        out = f * F.interpolate(w.unsqueeze(1), size=(h, wd), mode='nearest')
-    return out if acc is None else acc + out
+        w = F.interpolate(w.unsqueeze(1), size=(h, wd), mode='nearest')
+    return f * w if acc is None else torch.addcmul(acc, f, w)
 
 
 # ---------------------------------------------------------------------------------------------

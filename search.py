@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from analyze import write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, SearchNetwork, average_weights
@@ -256,8 +257,7 @@ def main(argv=None):
         raise RunError(f'{len(y)} images split {args.train_portion}: each half needs at least one batch of '
                        f'{args.batch_size}')
     use_cuda = device.type == 'cuda'
-    pad = 2 if meta['size'] == 16 else 4
-    loader_kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=pad,
+    loader_kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
                      flip=args.dataset != 'svhn', channels_last=use_cuda)
     # Each rank takes its slice of every global batch, so --batch-size is the global batch.
     train_q = GPULoader(x[train_idx], y[train_idx], args.batch_size, seed=args.seed, **loader_kw)
@@ -362,6 +362,7 @@ def main(argv=None):
         if score:
             result['nb201'] = score
         write_json(os.path.join(args.save, 'genotype.json'), result)
+        write_diagrams(genotype, args.save)
     log(f'final genotype {genotype} (smallest decode margin {min_margin(record["margins"]):.4f})')
     if score:
         log(f"final NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}")

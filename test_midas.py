@@ -355,3 +355,416 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     _one_line_error(r, 'another configuration', 'space')
     r = run_script('search.py', '--data', cifar, '--save', save, '--space', 's2', *TINY)
     _one_line_error(r, '--resume')
+
+
+# ---- analyze.py (issue 7) ----
+import re  # noqa: E402
+import struct  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import analyze  # noqa: E402
+
+
+def _png_pixels(path):
+    """Decode one of our PNGs by the spec: signature, chunk CRCs, IHDR, IDAT -> H x W x 3 uint8."""
+    blob = open(path, 'rb').read()
+    assert blob[:8] == b'\x89PNG\r\n\x1a\n'
+    pos, chunks = 8, {}
+    while pos < len(blob):
+        n, kind = struct.unpack('>I', blob[pos:pos + 4])[0], blob[pos + 4:pos + 8]
+        payload, crc = blob[pos + 8:pos + 8 + n], struct.unpack('>I', blob[pos + 8 + n:pos + 12 + n])[0]
+        assert zlib.crc32(kind + payload) == crc, kind
+        chunks[kind] = chunks.get(kind, b'') + payload
+        pos += 12 + n
+    assert list(chunks)[0] == b'IHDR' and list(chunks)[-1] == b'IEND'
+    w, h, depth, colour, _, _, interlace = struct.unpack('>IIBBBBB', chunks[b'IHDR'])
+    assert (depth, colour, interlace) == (8, 2, 0)
+    raw = zlib.decompress(chunks[b'IDAT'])
+    assert len(raw) == h * (1 + 3 * w)
+    rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)
+    assert (rows[:, 0] == 0).all()  # filter type 0 on every row
+    return rows[:, 1:].reshape(h, w, 3)
+
+
+def _dot_edges(text):
+    """Check a DOT text's structure and return its edges as (from, to, label or None)."""
+    bare = re.sub(r'"[^"]*"', '""', text)  # braces inside quoted names such as "c_{k-2}" do not count
+    assert bare.startswith('digraph ') and bare.count('{') == 1 and bare.rstrip().endswith('}')
+    assert bare.count('[') == bare.count(']')
+    edges = re.findall(r'^\s*"([^"]+)" -> "([^"]+)" \[([^\]]*)\];$', text, re.M)
+    assert len(edges) == text.count('->')
+    return [(u, v, (re.findall(r'label="([^"]+)"', a) or [None])[0]) for u, v, a in edges]
+
+
+def test_analyze_png_writer_round_trips(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    analyze.write_bytes(str(tmp_path / 'x.png'), analyze.png_bytes(img))
+    assert np.array_equal(_png_pixels(str(tmp_path / 'x.png')), img)
+
+
+def test_analyze_diagrams_have_every_edge(tmp_path, monkeypatch):
+    monkeypatch.setenv('PATH', str(tmp_path / 'empty'))  # no Graphviz: DOT only
+    paths = analyze.write_diagrams(G.NASNet, str(tmp_path / 'nas'), prefix='x_')  # 5 nodes, concat [4, 5, 6]
+    assert [os.path.basename(p) for p in paths] == ['x_normal.dot', 'x_reduction.dot']
+    analyze.main(['diagram', '--genotype', 'DARTS_V2', '--out', str(tmp_path / 'v2')])
+    for g, out, prefix in ((G.DARTS_V2, 'v2', ''), (G.NASNet, 'nas', 'x_')):
+        for stem, cell in (('normal', 'normal'), ('reduction', 'reduce')):
+            text = (tmp_path / out / f'{prefix}{stem}.dot').read_text()
+            edges = _dot_edges(text)
+            names = ['c_{k-2}', 'c_{k-1}'] + [str(i) for i in range(len(getattr(g, cell)) // 2)]
+            want = [(names[j], str(n // 2), op) for n, (op, j) in enumerate(getattr(g, cell))]
+            want += [(names[s], 'c_{k}', None) for s in getattr(g, cell + '_concat')]
+            assert sorted(edges, key=str) == sorted(want, key=str)
+    analyze.main(['diagram', '--genotype', '|nor_conv_3x3~0|+|none~0|skip_connect~1|+|avg_pool_3x3~0|'
+                  'nor_conv_1x1~1|nor_conv_3x3~2|', '--out', str(tmp_path / 'nb')])
+    text = (tmp_path / 'nb' / 'cell.dot').read_text()
+    assert _dot_edges(text) == [
+        ('c_{k-1}', '1', 'nor_conv_3x3'), ('c_{k-1}', '2', 'none'), ('1', '2', 'skip_connect'),
+        ('c_{k-1}', '3', 'avg_pool_3x3'), ('1', '3', 'nor_conv_1x1'), ('2', '3', 'nor_conv_3x3'), ('3', 'c_{k}', None)]
+    assert 'style=dashed' in [line for line in text.splitlines() if 'none' in line][0]
+    # With a `dot` on PATH (a stand-in that echoes an SVG), the SVG and PNG land beside the DOT file.
+    fake = tmp_path / 'bin'
+    fake.mkdir()
+    (fake / 'dot').write_text('#!/bin/sh\ncat > /dev/null\necho "<svg>$1</svg>"\n')
+    (fake / 'dot').chmod(0o755)
+    monkeypatch.setenv('PATH', str(fake))
+    paths = analyze.write_diagrams(G.NB201_BEST, str(tmp_path / 'gv'))
+    assert [os.path.basename(p) for p in paths] == ['cell.dot', 'cell.svg', 'cell.png']
+    assert (tmp_path / 'gv' / 'cell.svg').read_text().strip() == '<svg>-Tsvg</svg>'
+
+
+def test_analyze_statistics_match_hand_computation():
+    assert analyze.bimodality([0, 0, 0, 1]) == pytest.approx(2 / 7)  # G1 = 2, G2 = 4 by hand
+    n = 10  # two equal spikes: g1 = 0, g2 = -2, so b = (n-2)(n-3) / ((n-1)(n+1))
+    assert analyze.bimodality([0] * 5 + [1] * 5) == pytest.approx((n - 2) * (n - 3) / ((n - 1) * (n + 1)))
+    x = np.random.default_rng(0).normal(size=300)
+    d = x - x.mean()
+    g1, g2 = (d ** 3).mean() / (d ** 2).mean() ** 1.5, (d ** 4).mean() / (d ** 2).mean() ** 2 - 3
+    skew = g1 * math.sqrt(300 * 299) / 298
+    kurt = 299 / (298 * 297) * (301 * g2 + 6)
+    assert analyze.bimodality(x) == pytest.approx((skew ** 2 + 1) / (kurt + 3 * 299 ** 2 / (298 * 297)))
+    assert analyze.bimodality(x) < analyze.UNIMODAL < analyze.bimodality(np.r_[x - 5, x + 5])
+    assert analyze.bimodality([0.2] * 50) is None and analyze.bimodality([1, 2, 3]) is None
+    # classes 0 / 1 with means 2 / 6: SS_between = 24, SS_within = 4 -> F = (24 / 1) / (4 / 4), eta^2 = 24 / 28
+    f, eta2 = analyze.class_separation([1, 2, 3, 5, 6, 7], [0, 0, 0, 1, 1, 1])
+    assert f == pytest.approx(24.0) and eta2 == pytest.approx(6 / 7)
+    assert analyze.class_separation([1, 2, 3], [4, 4, 4]) == (None, None)
+    entropy, margin = analyze.sharpness([0.5, 0.25, 0.25])
+    assert entropy == pytest.approx(1.5 * math.log(2) / math.log(3)) and margin == pytest.approx(0.25)
+    assert analyze.sharpness([0.25] * 4) == pytest.approx((1.0, 0.0))
+    assert analyze.sharpness([1.0, 0.0, 0.0]) == pytest.approx((0.0, 1.0))
+    # analyse(): one edge whose weights follow the class, one static edge (a DARTS table)
+    y = np.array([0, 1] * 20)
+    a = np.where(y == 0, 0.7, 0.3) + np.linspace(0, 0.01, 40)
+    rec = {'type': 'normal', 'edges': ['0->1', '0->2'], 'ops': [['a', 'b'], ['a', 'b']], 'grid': (2, 2),
+           'w': [np.stack([a, 1 - a], 1), np.tile([[0.9, 0.1]], (40, 1))],
+           'patch_entropy': [np.full(40, 0.5), np.full(40, 0.4)]}
+    cell = analyze.analyse([rec], y, bins=4)[0]
+    moving, static = cell['edges']
+    assert moving['mean'] == pytest.approx([a.mean(), 1 - a.mean()]) and moving['class_f'][0] > 1000
+    assert moving['class_eta2'][0] == pytest.approx(moving['class_eta2'][1]) and moving['class_eta2'][0] > 0.99
+    assert moving['bimodality'][0] > analyze.UNIMODAL and moving['unimodal'] == [False, False]
+    assert sum(moving['hist'][0]['counts']) == 40 and moving['hist'][0]['counts'][1:3] == [0, 0]
+    assert static['std'] == [0.0, 0.0] and static['unimodal'] == [True, True] and static['class_f'] == [None, None]
+    assert static['margin'] == pytest.approx(0.8)
+    assert cell['margin'] == pytest.approx((abs(2 * a.mean() - 1) + 0.8) / 2)
+    assert cell['patch_entropy'] == pytest.approx(0.45) and cell['unimodal_share'] == pytest.approx(0.5)
+
+
+def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
+    runs = {}
+    for patch in (4, 0):
+        runs[patch] = str(tmp_path / f'p{patch}')
+        search.main(['--data', cifar, '--save', runs[patch], '--space', 'nb201', '--patch', str(patch), *TINY])
+    out = str(tmp_path / 'mosaics')
+    paths = analyze.main(['mosaic', '--run', runs[4], '--data', cifar, '--images', '3', '--cells', '0,2',
+                          '--edges', '0,5', '--out', out, '--device', 'cpu'])
+    assert [os.path.basename(p) for p in paths] == ['mosaic_cell0.png', 'mosaic_cell2.png']
+    model, settings = analyze.load_run(runs[4], torch.device('cpu'))
+    raw, x, y = analyze.load_images(settings, cifar, 'test', 40)
+    records = analyze.record_weights(model, x, batch_size=16, keep_maps=3)
+    for path, c in zip(paths, (0, 2)):
+        img = _png_pixels(path)
+        rec = records[c]
+        assert img.shape == analyze.mosaic_png(raw[:3], y[:3], rec, [0, 5], 'p4').shape
+        assert rec['maps'][0].shape == (3,) + ((8, 8) if c == 0 else (2, 2))
+        top, x0 = 2 * (5 * analyze.SCALE + 6) + 4, analyze.LABEL_W + analyze.GAP
+        panel = img[top:top + analyze.PANEL, x0:x0 + analyze.PANEL]  # the first image, 3x upsampled
+        assert np.array_equal(panel, raw[0].permute(1, 2, 0).numpy().repeat(3, 0).repeat(3, 1))
+        # the first map: the winning op's colour in the middle of every patch
+        xm, side = x0 + analyze.PANEL + analyze.GAP, analyze.PANEL // rec['grid'][0]
+        palette = [analyze.OP_COLOURS[op] for op in rec['ops'][0]]
+        for (r, col), j in np.ndenumerate(rec['maps'][0][0]):
+            assert tuple(img[top + r * side + side // 2, xm + col * side + side // 2]) == palette[j]
+    # per-image weights agree with the decoder's averages (model.average_weights, cells of a type pooled)
+    from model import average_weights
+    avg = average_weights(model, [(x, y)])['normal']['weights']
+    mine = np.mean([[w.mean(0) for w in r['w']] for r in records], 0)
+    assert np.allclose(mine, np.array(avg), atol=1e-5)
+
+    for patch, run in runs.items():
+        analysis = analyze.main(['report', '--run', run, '--data', cifar, '--samples', '40', '--images', '2',
+                                 '--device', 'cpu'])
+        folder = os.path.join(run, 'analysis')
+        with open(os.path.join(folder, 'analysis.json')) as f:
+            assert json.load(f) == json.loads(json.dumps(analysis))
+        assert analysis['samples'] == 40 and len(analysis['cells']) == 3
+        assert [c['grid'] for c in analysis['cells']] == ([[8, 8], [4, 4], [2, 2]] if patch == 4 else [[1, 1]] * 3)
+        for c in analysis['cells']:
+            assert len(c['edges']) == 6 and 0 <= c['entropy'] <= 1 and 0 <= c['unimodal_share'] <= 1
+            assert all(sum(e['mean']) == pytest.approx(1, abs=1e-5) for e in c['edges'])
+        report = open(os.path.join(folder, 'report.md')).read()
+        linked = re.findall(r'\]\(([^)]+)\)', report)
+        assert 'cell.dot' in linked and 'mosaic_cell0.png' in linked and '```mermaid' in report
+        assert all(os.path.isfile(os.path.join(folder, name)) for name in linked)
+        _png_pixels(os.path.join(folder, 'mosaic_cell1.png'))
+    table = str(tmp_path / 'compare.md')
+    text = analyze.main(['compare', runs[0], os.path.join(runs[4], 'analysis', 'analysis.json'), '--out', table])
+    assert open(table).read() == text
+    rows = [line for line in text.splitlines() if line.startswith('| p0 ') or line.startswith('| p4 ')]
+    assert len(rows) == 6 * 2 and 'cell 2 (normal)' in text and '| 8x8 | 4x4 | 2x2 |' in text
+
+
+def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
+    save = str(tmp_path / 'darts')
+    search.main(['--data', cifar, '--save', save, '--space', 's3', '--method', 'darts', *TINY])
+    analysis = analyze.main(['report', '--run', save, '--data', cifar, '--samples', '20', '--device', 'cpu'])
+    folder = os.path.join(save, 'analysis')
+    assert sorted(os.listdir(folder)) == ['analysis.json', 'normal.dot', 'reduction.dot', 'report.md']
+    assert [c['type'] for c in analysis['cells']] == ['normal', 'reduce', 'reduce']
+    edges = [e for c in analysis['cells'] for e in c['edges']]
+    assert len(edges) == 3 * 14 and all(e['std'] == [0.0] * 3 and e['class_f'] == [None] * 3 for e in edges)
+    assert analysis['summary']['unimodal_share'] == 1.0 and analysis['summary']['class_f'] is None
+    # the two reduction cells share one table: the same statistics
+    assert analysis['cells'][1]['edges'][0]['mean'] == analysis['cells'][2]['edges'][0]['mean']
+    r = run_script('analyze.py', 'mosaic', '--run', save, '--data', cifar)
+    _one_line_error(r, 'static', 'report')
+    r = run_script('analyze.py', 'mosaic', '--run', str(tmp_path / 'nowhere'))
+    _one_line_error(r, 'checkpoint.pt')
+    with pytest.raises(analyze.RunError, match='numbered 0..2'):
+        analyze.main(['report', '--run', save, '--data', cifar, '--cells', '3'])
+    with pytest.raises(ValueError, match='cannot read genotype'):
+        analyze.main(['diagram', '--genotype', 'nonsense'])
+
+
+# ---- train.py (issue 3) ----
+import train  # noqa: E402
+from model import count_parameters  # noqa: E402
+
+TRAIN_TINY = ['--batch-size', '16', '--init-channels', '4', '--subset', '64', '--report-freq', '2', '--device', 'cpu',
+              '--no-download']
+NB201_ALL_SKIP = '|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|'
+# A genotype that kept RDARTS S4's 'noise': its random numbers must be part of what a resumed run restores.
+NOISY = ("Genotype(normal=[('noise', 0), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('noise', 2), ('noise', 1), "
+         "('sep_conv_3x3', 3), ('sep_conv_3x3', 0), ('noise', 4)], normal_concat=range(2, 6), reduce=[('noise', 0), "
+         "('sep_conv_3x3', 1), ('noise', 2), ('sep_conv_3x3', 1), ('sep_conv_3x3', 0), ('noise', 3), "
+         "('sep_conv_3x3', 2), ('noise', 4)], reduce_concat=range(2, 6))")
+# (without, with the auxiliary head), measured with the original DARTS code at its sizes
+DARTS_COUNTS = {
+    ('DARTS_V1', 'cifar10'): (3169414, 3645840), ('DARTS_V1', 'cifar100'): (3221344, 3766980),
+    ('DARTS_V1', 'imagenet'): (4510432, 5771208), ('DARTS_V2', 'cifar10'): (3349342, 3825768),
+    ('DARTS_V2', 'cifar100'): (3401272, 3946908), ('DARTS_V2', 'imagenet'): (4718752, 5979528),
+}
+# C16 N5 for 10 / 100 / 120 classes, measured with the NAS-Bench-201 code
+NB201_COUNTS = {G.NB201_BEST: (1288506, 1294356, 1295656), NB201_ALL_SKIP: (73306, 79156, 80456)}
+
+
+def _train_cli(capsys, *argv):
+    """train.py's command line in this process: -> what run_script returns, for _one_line_error."""
+    with pytest.raises(SystemExit) as e:
+        train.run_cli(train.main, list(argv))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, e.value.code, out, err)
+
+
+def kill_after_first_checkpoint(args, save):
+    """Start `python ARGS --save SAVE` and SIGKILL it the moment SAVE/checkpoint.pt appears. -> that path."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
+    proc = subprocess.Popen([sys.executable, *args, '--save', save], cwd=HERE, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = os.path.join(save, 'checkpoint.pt')
+    deadline = time.time() + 120
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    return ckpt
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_parameter_counts_match_the_original_code():
+    for (name, dataset), counts in DARTS_COUNTS.items():
+        args = train.get_args(['--genotype', name, '--dataset', dataset])
+        genotype, _ = train.resolve_args(args)  # the protocol's sizes: 36 channels / 20 cells, 48 / 14
+        net = train.build_model(genotype, dataset, args.init_channels, args.layers, args.cells,
+                                args.auxiliary_weight > 0)
+        assert (count_parameters(net), count_parameters(net, exclude_auxiliary=False)) == counts, (name, dataset)
+    for arch, counts in NB201_COUNTS.items():
+        for dataset, count in zip(['cifar10', 'cifar100', 'imagenet16-120'], counts):
+            args = train.get_args(['--genotype', arch, '--dataset', dataset])
+            train.resolve_args(args)  # NB201's C=16, N=5, no auxiliary head
+            net = train.build_model(arch, dataset, args.init_channels, args.layers, args.cells)
+            assert count_parameters(net, exclude_auxiliary=False) == count, (arch, dataset)
+
+
+def test_train_defaults_are_the_darts_protocols():
+    args = train.get_args(['--genotype', 'DARTS_V2'])
+    train.resolve_args(args)
+    assert (args.epochs, args.batch_size, args.lr, args.schedule, args.momentum, args.weight_decay, args.cutout,
+            args.drop_path, args.auxiliary_weight, args.grad_clip, args.init_channels, args.layers) == \
+        (600, 96, 0.025, 'cosine', 0.9, 3e-4, 16, 0.2, 0.4, 5.0, 36, 20)
+    args = train.get_args(['--genotype', 'DARTS_V2', '--dataset', 'imagenet'])
+    train.resolve_args(args)
+    assert (args.epochs, args.batch_size, args.lr, args.schedule, args.lr_gamma, args.label_smoothing,
+            args.weight_decay, args.auxiliary_weight, args.grad_clip, args.drop_path, args.init_channels,
+            args.layers) == (250, 128, 0.1, 'step', 0.97, 0.1, 3e-5, 0.4, 5.0, 0.0, 48, 14)
+
+
+def test_train_torchrun_two_ranks_end_with_identical_weights(cifar, tmp_path, capsys):
+    save = str(tmp_path / 'ddp')
+    r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                   '--genotype', 'DARTS_V2', '--data', cifar, '--save', save, *TRAIN_TINY, '--layers', '3',
+                   '--epochs', '2', env={'MIDAS_RANK_STATES': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt')) for k in (0, 1))
+    ckpt = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
+    assert _same_weights(a, b) and _same_weights(a, ckpt['model'])   # parameters and BN statistics
+    torch.manual_seed(0)
+    init = train.build_model(G.DARTS_V2, 'cifar10', 4, 3, auxiliary=True).state_dict()
+    assert not torch.equal(a['classifier.weight'], init['classifier.weight'])  # they did train
+    assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
+    with open(os.path.join(save, 'report.json')) as f:
+        report = json.load(f)
+    assert report['world_size'] == 2 and ' x 2,' in open(os.path.join(save, 'log.txt')).read()
+    # the test set split over the ranks and summed gives what one process measures on all of it
+    alone = train.main(['--eval', save, '--data', cifar, '--subset', '64', '--device', 'cpu'])
+    assert alone['test_images'] == 50 and alone['test_top1'] == report['test_top1']
+    assert alone['test_loss'] == pytest.approx(report['test_loss'], rel=1e-5)
+    assert f"test top-1 {report['test_top1']:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('space', ['darts', 'nb201'])
+def test_train_search_genotype_trains_unedited(cifar, tmp_path, space):
+    run = str(tmp_path / 'search')
+    search.main(['--data', cifar, '--save', run, '--space', space, *TINY])
+    save = str(tmp_path / 'train')
+    depth = ['--cells', '1'] if space == 'nb201' else ['--layers', '3']
+    report = train.main(['--genotype', os.path.join(run, 'genotype.json'), '--data', cifar, '--save', save,
+                         *TRAIN_TINY, *depth, '--epochs', '1'])
+    assert report['network'] == ('NB201Network' if space == 'nb201' else 'NetworkCIFAR')
+    assert report['epochs'] == 1 and 0 <= report['test_top1'] <= report['test_top5'] <= 100
+    with open(os.path.join(save, 'report.json')) as f:
+        assert json.load(f) == json.loads(json.dumps(report))
+    with open(os.path.join(run, 'genotype.json')) as f1, open(os.path.join(save, 'genotype.json')) as f2:
+        assert G.genotype_from_json(json.load(f1)) == G.genotype_from_json(json.load(f2))
+    for name in ('log.txt', 'args.json', 'history.json', 'checkpoint.pt'):
+        assert os.path.isfile(os.path.join(save, name)), name
+
+
+def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, capsys):
+    args = ['train.py', '--genotype', NOISY, '--data', cifar, *TRAIN_TINY, '--layers', '3', '--epochs', '3']
+    full = str(tmp_path / 'full')
+    r = run_script(*args, '--save', full)
+    assert r.returncode == 0, r.stderr
+
+    killed = str(tmp_path / 'killed')
+    ckpt = kill_after_first_checkpoint(args, killed)
+    assert torch.load(ckpt, weights_only=False)['epoch'] < 3
+    assert not os.path.exists(os.path.join(killed, 'report.json'))
+
+    r = run_script('train.py', '--resume', killed)  # the run's own flags, data and genotype
+    assert r.returncode == 0, r.stderr
+    reports = []
+    for save in (full, killed):
+        with open(os.path.join(save, 'report.json')) as f:
+            reports.append(json.load(f))
+        with open(os.path.join(save, 'history.json')) as f:
+            reports[-1]['history'] = [{k: v for k, v in h.items() if k != 'time_s'} for h in json.load(f)]
+        reports[-1].pop('wall_time_s')
+    assert reports[0] == reports[1]
+    a, b = (torch.load(os.path.join(s, 'checkpoint.pt'), weights_only=False)['model'] for s in (full, killed))
+    assert _same_weights(a, b)
+    result = train.main(['--eval', os.path.join(killed, 'checkpoint.pt'), '--data', cifar, '--subset', '64'])
+    assert result['test_top1'] == reports[1]['test_top1'] and result['test_images'] == 50
+    r = _train_cli(capsys, '--resume', killed, '--lr', '0.1')
+    _one_line_error(r, 'another configuration', 'lr')
+
+
+S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5],
+                                            [('sep_conv_3x3', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5]), 's2')
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--genotype', "Genotype(normal=[('sep_conv_3x3', 0)"], ['malformed genotype literal']),
+    (['--genotype', "Genotype(normal=[('conv_9x9', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+                    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=[2])"], ["unknown op 'conv_9x9'"]),
+    (['--genotype', 'S2_JSON'], ["op 'sep_conv_5x5' is not a candidate", "space 's2'"]),
+    (['--genotype', '|nor_conv_3x3~0|+|conv_9x9~0|none~1|+|none~0|none~1|none~2|'], ["unknown NAS-Bench-201 op"]),
+    (['--genotype', '|nor_conv_3x3~0|+|none~0|'], ['malformed NAS-Bench-201 arch string']),
+    (['--genotype', 'DARTS_V9'], ["cannot read genotype 'DARTS_V9'"]),
+    ([], ['--genotype is required']),
+    (['--genotype', NB201_ALL_SKIP, '--auxiliary-weight', '0.4'], ['--auxiliary-weight does not apply']),
+    (['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120'], ['auxiliary head needs 32x32']),
+    (['--genotype', 'DARTS_V2', '--layers', '2'], ['--layers must be at least 3']),
+    (['--resume', 'NOWHERE'], ['no train.py run to resume']),
+    (['--eval', 'NOWHERE'], ['no checkpoint']),
+])
+def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
+    s2 = tmp_path / 'genotype.json'
+    s2.write_text(json.dumps(S2_WITH_5X5))
+    flags = [{'S2_JSON': str(s2), 'NOWHERE': str(tmp_path / 'nowhere')}.get(f, f) for f in flags]
+    save = tmp_path / 'run'
+    _one_line_error(_train_cli(capsys, '--data', cifar, '--save', str(save), *TRAIN_TINY, *flags), *words)
+    assert not save.exists()
+
+
+def test_train_bad_input_from_the_command_line(cifar, tmp_path):
+    s2 = tmp_path / 'genotype.json'
+    s2.write_text(json.dumps(S2_WITH_5X5))
+    r = run_script('train.py', '--genotype', str(s2), '--data', cifar, '--save', str(tmp_path / 'r'), *TRAIN_TINY)
+    _one_line_error(r, "op 'sep_conv_5x5' is not a candidate")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # absent or broken: ImageNet must say so in one line
+        r = run_script('train.py', '--genotype', 'DARTS_V2', '--dataset', 'imagenet', '--data', str(tmp_path),
+                       '--save', str(tmp_path / 'r'))
+        _one_line_error(r, 'torchvision')
+    assert not os.path.exists(tmp_path / 'r')
+
+
+def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch):
+    made = []
+
+    def loader(root, is_train, batch_size, workers, distributed=False):  # data.imagenet_loader without torchvision
+        made.append((is_train, batch_size, distributed))
+        g = torch.Generator().manual_seed(int(is_train))
+        n = 8 if is_train else 6
+        ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 224, 224, generator=g),
+                                            torch.randint(0, 1000, (n,), generator=g))
+        return torch.utils.data.DataLoader(ds, batch_size, shuffle=is_train, drop_last=is_train)
+
+    monkeypatch.setattr(train, 'imagenet_loader', loader)
+    save = str(tmp_path / 'run')
+    report = train.main(['--genotype', 'DARTS_V2', '--dataset', 'imagenet', '--data', str(tmp_path), '--save', save,
+                         '--epochs', '2', '--batch-size', '4', '--init-channels', '8', '--layers', '3',
+                         '--device', 'cpu'])
+    assert made == [(True, 4, False), (False, 4, False)] and report['network'] == 'NetworkImageNet'
+    with open(os.path.join(save, 'history.json')) as f:
+        history = json.load(f)
+    assert [h['lr'] for h in history] == pytest.approx([0.1, 0.097])  # step decay 0.97 per epoch
+    assert [h['test_images'] for h in history] == [6, 6]
+
+    # DistributedSampler pads a rank's part of the test set with repeats: only the first `limit` count
+    net = torch.nn.Linear(4, 7)
+    forward = lambda x: (net(x), None)  # noqa: E731
+    x, y = torch.randn(10, 4), torch.randint(0, 7, (10,))
+    _, autocast, _ = train.amp_setup('off', torch.device('cpu'))
+    whole = train.evaluate(forward, net, [(x[:6], y[:6]), (x[6:], y[6:])], autocast, torch.device('cpu'), 1)
+    padded = [(x[:6], y[:6]), (torch.cat([x[6:], x[:3]]), torch.cat([y[6:], y[:3]])), (x[:4], y[:4])]
+    assert train.evaluate(forward, net, padded, autocast, torch.device('cpu'), 1, limit=10) == whole

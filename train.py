@@ -1,9 +1,20 @@
 """Retrain a decoded genotype with the DARTS protocol (METHOD.md §10); also home of the run
 helpers search.py shares: device choice, logging, atomic checkpoints, distributed set-up, errors.
+
+    python train.py --genotype runs/search-.../genotype.json          # search.py's result, CIFAR-10
+    python train.py --genotype DARTS_V2 --dataset cifar100             # a published genotype
+    python train.py --genotype "Genotype(normal=[...], ...)"           # what DARTS-family code prints
+    python train.py --genotype '|nor_conv_3x3~0|+|...|'                # a NAS-Bench-201 cell
+    python train.py --genotype DARTS_V2 --dataset imagenet --data IMAGENET   # mobile setting
+    torchrun --nproc_per_node=8 train.py ...                           # one process per GPU
+    python train.py --resume RUN                                       # continue a killed run
+    python train.py --eval RUN/checkpoint.pt                           # test accuracy only
+
+Writes into the run folder: log.txt, args.json, genotype.json, history.json, checkpoint.pt (every
+epoch) and report.json (at the end).
 """
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -11,6 +22,11 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+
+from data import DATASETS, GPULoader, imagenet_loader, load_dataset
+from genotypes import genotype_from_json, genotype_to_json, load_genotype
+from model import NB201Network, NetworkCIFAR, NetworkImageNet, count_parameters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +119,8 @@ class Logger:
                 f.write(line + '\n')
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
+    """write(f) into a temp file beside path, then rename: readers never see a half-written file."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
@@ -112,6 +129,9 @@ def _atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -120,12 +140,12 @@ def _atomic_write(path, write):
 
 
 def write_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + '\n').encode()))
 
 
 def save_checkpoint(path, state):
     """Temp file + rename: a run killed at any moment leaves the previous checkpoint intact."""
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, config, keys):
@@ -150,9 +170,446 @@ def format_eta(seconds):
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+class Throughput:
+    """Images/s over the last report interval and an ETA from the mean step time since this process
+    started, so that evaluation and checkpoints are part of the ETA. Call it after reading a device
+    value (the report's .tolist()), which makes the clock honest on a GPU; restart() after a pause
+    keeps the pause out of the next images/s."""
+
+    def __init__(self, steps_left):
+        self.steps_left, self.steps_done = steps_left, 0
+        self.t_start = self.t_last = time.time()
+
+    def restart(self):
+        self.t_last = time.time()
+
+    def __call__(self, steps, images):
+        """`steps` steps of `images` images (all ranks) since the last call -> 'N img/s S s/it ETA h:mm:ss'."""
+        now = time.time()
+        dt, self.t_last = max(now - self.t_last, 1e-9), now
+        self.steps_done += steps
+        self.steps_left -= steps
+        eta = (now - self.t_start) / self.steps_done * self.steps_left
+        return f'{images / dt:.0f} img/s {dt / steps:.3f} s/it ETA {format_eta(eta)}'
+
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
 
     def error(self, message):
         print(f'{self.prog}: error: {message}', file=sys.stderr)
         sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retraining (METHOD.md §10)
+
+# Defaults of the flags left unset, by protocol. 'cifar': DARTS's train.py and paper (also SVHN and
+# ImageNet16-120). 'imagenet': DARTS's train_imagenet.py in the paper's mobile setting (48 channels,
+# 250 epochs, auxiliary head; the script's own defaults, 50 channels and 1000 epochs, are not what the
+# paper reports). 'nb201': NAS-Bench-201's training of its cells, so that accuracies compare with the
+# benchmark's table (Nesterov SGD, batch 256, 200 epochs, no clipping, no cutout).
+PROTOCOLS = {
+    'cifar': dict(epochs=600, batch_size=96, lr=0.025, schedule='cosine', momentum=0.9, nesterov=False,
+                  weight_decay=3e-4, grad_clip=5.0, label_smoothing=0.0, cutout=16, drop_path=0.2,
+                  auxiliary_weight=0.4, init_channels=36, layers=20),
+    'imagenet': dict(epochs=250, batch_size=128, lr=0.1, schedule='step', lr_gamma=0.97, momentum=0.9,
+                     nesterov=False, weight_decay=3e-5, grad_clip=5.0, label_smoothing=0.1, cutout=0,
+                     drop_path=0.0, auxiliary_weight=0.4, init_channels=48, layers=14),
+    'nb201': dict(epochs=200, batch_size=256, lr=0.1, schedule='cosine', momentum=0.9, nesterov=True,
+                  weight_decay=5e-4, grad_clip=0.0, label_smoothing=0.0, cutout=0, drop_path=0.0,
+                  auxiliary_weight=0.0, init_channels=16, cells=5),
+}
+GENERAL = dict(data='./data', dataset='cifar10', lr_gamma=0.97, subset=0, seed=0)
+# Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
+CONFIG_KEYS = ['genotype', 'dataset', 'subset', 'init_channels', 'layers', 'cells', 'auxiliary_weight', 'cutout',
+               'drop_path', 'epochs', 'batch_size', 'lr', 'schedule', 'lr_gamma', 'momentum', 'nesterov',
+               'weight_decay', 'grad_clip', 'label_smoothing', 'seed']
+EVAL_BATCH = 256  # test batches of the in-memory datasets (eval mode: the size does not change the result)
+
+
+def get_args(argv=None):
+    p = Parser(description='Retrain a genotype (DARTS protocol) on CIFAR-10/100, SVHN, ImageNet16-120 or ImageNet. '
+                           'Unset flags take the protocol defaults (see PROTOCOLS), or the run\'s own with --resume.')
+    p.add_argument('--genotype', help="search.py's genotype.json, a published name (DARTS_V2, ...), a "
+                                      "Genotype(...) literal or a NAS-Bench-201 arch string")
+    p.add_argument('--data', help='dataset root (default ./data; CIFAR is downloaded there when absent)')
+    p.add_argument('--dataset', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120', 'imagenet'],
+                   help='default cifar10')
+    p.add_argument('--save', help='run folder (default runs/train-DATASET-TIME)')
+    p.add_argument('--epochs', type=int)
+    p.add_argument('--batch-size', type=int, help='the global batch, split over the torchrun processes')
+    p.add_argument('--init-channels', type=int)
+    p.add_argument('--layers', type=int, help='cells of a DARTS-style network')
+    p.add_argument('--cells', type=int, help='cells per stage of a NAS-Bench-201 network')
+    p.add_argument('--auxiliary-weight', type=float, help='weight of the auxiliary head\'s loss; 0 = no head')
+    p.add_argument('--cutout', type=int, help='side of the cutout square in pixels; 0 = off')
+    p.add_argument('--drop-path', type=float, help='drop-path probability, ramped linearly from 0 over the epochs')
+    p.add_argument('--lr', type=float)
+    p.add_argument('--schedule', choices=['cosine', 'step'], help='cosine to 0, or lr *= --lr-gamma every epoch')
+    p.add_argument('--lr-gamma', type=float)
+    p.add_argument('--momentum', type=float)
+    p.add_argument('--nesterov', action=argparse.BooleanOptionalAction)
+    p.add_argument('--weight-decay', type=float)
+    p.add_argument('--grad-clip', type=float, help='gradient norm clip; 0 = off')
+    p.add_argument('--label-smoothing', type=float)
+    p.add_argument('--subset', type=int, help='only the first N images of the training and of the test split')
+    p.add_argument('--seed', type=int)
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'],
+                   help='autocast (auto: bf16 on a CUDA GPU that has it, else off); fp16 adds a gradient scaler')
+    p.add_argument('--compile', action='store_true', help='torch.compile the network')
+    p.add_argument('--workers', type=int, default=8, help='ImageNet data-loading processes per GPU')
+    p.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
+                   help='fetch CIFAR (or SVHN) when absent from --data')
+    p.add_argument('--report-freq', type=int, default=50, help='log every N steps')
+    p.add_argument('--eval-freq', type=int, default=1, help='test every N epochs (and after the last)')
+    p.add_argument('--resume', metavar='RUN', help='continue the killed run in folder RUN (its flags are the defaults)')
+    p.add_argument('--eval', metavar='CHECKPOINT', help='print the test accuracy of a checkpoint (or run folder) and exit')
+    return p.parse_args(argv)
+
+
+def _fill(args, defaults):
+    for k, v in defaults.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+def resolve_args(args):
+    """Fill the unset flags (from the run being resumed, then the protocol of this genotype and dataset)
+    and check them. -> (genotype or NB201 arch string, space name or None)."""
+    if args.resume:
+        try:
+            with open(os.path.join(args.resume, 'args.json')) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)") from None
+        _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data'] if k != 'genotype'})
+        args.genotype = args.genotype or os.path.join(args.resume, 'genotype.json')
+        args.save = args.resume
+    if not args.genotype:
+        raise RunError('--genotype is required: a genotype.json, a published name such as DARTS_V2, '
+                       'a Genotype(...) literal or a NAS-Bench-201 arch string')
+    genotype, space = load_genotype(args.genotype)
+    nb201 = isinstance(genotype, str)
+    _fill(args, {'dataset': GENERAL['dataset']})
+    if nb201:
+        if args.dataset == 'imagenet':
+            raise RunError('NAS-Bench-201 cells are trained on 32x32 or 16x16 images, not on ImageNet')
+        for flag, value in (('--layers', args.layers), ('--auxiliary-weight', args.auxiliary_weight),
+                            ('--drop-path', args.drop_path)):
+            if value:
+                raise RunError(f'{flag} does not apply to a NAS-Bench-201 network (no auxiliary head, no drop '
+                               'path; --cells sets its depth)')
+    elif args.cells is not None:
+        raise RunError('--cells sets the depth of a NAS-Bench-201 network; a DARTS-style one uses --layers')
+    _fill(args, PROTOCOLS['imagenet' if args.dataset == 'imagenet' else 'nb201' if nb201 else 'cifar'])
+    _fill(args, GENERAL)
+
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells', 'report_freq', 'eval_freq', 'workers'):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == 'workers' else 1):
+            raise RunError(f"--{name.replace('_', '-')} must be at least {0 if name == 'workers' else 1}")
+    for name in ('cutout', 'auxiliary_weight', 'grad_clip', 'weight_decay', 'momentum', 'subset'):
+        if getattr(args, name) < 0:
+            raise RunError(f"--{name.replace('_', '-')} must not be negative")
+    if not args.lr > 0 or not 0 < args.lr_gamma <= 1:
+        raise RunError('--lr must be positive and --lr-gamma in (0, 1]')
+    if not 0 <= args.drop_path < 1 or not 0 <= args.label_smoothing < 1:
+        raise RunError('--drop-path and --label-smoothing must be in [0, 1)')
+    if not nb201 and args.layers < 3:
+        raise RunError('--layers must be at least 3 (a DARTS network has two reduction cells)')
+    size = DATASETS[args.dataset]['size']
+    if not nb201 and args.dataset != 'imagenet' and size != 32 and args.auxiliary_weight > 0:
+        raise RunError(f'the auxiliary head needs 32x32 images, {args.dataset} has {size}x{size}: '
+                       'add --auxiliary-weight 0')
+    if args.dataset == 'imagenet' and (args.subset or args.cutout):
+        raise RunError('--subset and --cutout apply to the in-memory datasets, not to ImageNet')
+    return genotype, space
+
+
+def build_model(genotype, dataset, init_channels, layers=None, cells=None, auxiliary=False):
+    """DARTS-style genotypes -> NetworkCIFAR (NetworkImageNet for ImageNet); NB201 arch strings -> NB201Network."""
+    classes = DATASETS[dataset]['num_classes']
+    try:
+        if isinstance(genotype, str):
+            return NB201Network(init_channels, cells, genotype, classes)
+        network = NetworkImageNet if dataset == 'imagenet' else NetworkCIFAR
+        return network(init_channels, classes, layers, auxiliary, genotype)
+    except AssertionError as e:  # e.g. FactorizedReduce on an odd channel count
+        raise RunError(f'cannot build the network with --init-channels {init_channels}: {e}') from None
+
+
+def make_queues(args, device, rank, world, train=True):
+    """-> (training batches or None, this rank's test batches, how many of its test images are real or None).
+    In-memory datasets live whole on the device (GPULoader): every rank draws the same global batch and
+    keeps its slice, and takes a contiguous part of the test set. ImageNet goes through torchvision."""
+    if args.dataset == 'imagenet':
+        per_rank = args.batch_size // world
+        train_q = imagenet_loader(args.data, True, per_rank, args.workers, world > 1) if train else None
+        test_q = imagenet_loader(args.data, False, per_rank, args.workers, world > 1)
+        # DistributedSampler pads the test set with repeats up to a multiple of world: count only the real ones.
+        return train_q, test_q, len(range(rank, len(test_q.dataset), world))
+    meta = DATASETS[args.dataset]
+    kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
+              channels_last=device.type == 'cuda')
+    train_q = None
+    if train:
+        x, y = load_dataset(args.dataset, args.data, train=True, download=args.download)
+        if args.subset:
+            x, y = x[:args.subset], y[:args.subset]
+        # Flips for SVHN too, as RDARTS's SVHN pipeline does.
+        train_q = GPULoader(x, y, args.batch_size, cutout=args.cutout, seed=args.seed, **kw).shard(rank, world)
+    x, y = load_dataset(args.dataset, args.data, train=False, download=args.download)
+    if args.subset:
+        x, y = x[:args.subset], y[:args.subset]
+    x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
+    return train_q, GPULoader(x, y, EVAL_BATCH, shuffle=False, drop_last=False, augment=False, **kw), None
+
+
+def device_batches(loader, device):
+    """A DataLoader's batches moved to the device; GPULoader's are made there already."""
+    for x, y in loader:
+        if x.device != device:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == 'cuda':
+                x = x.contiguous(memory_format=torch.channels_last)
+        yield x, y
+
+
+def reduce_sum(t, world):
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def train_epoch(forward, params, batches, steps, opt, scaler, autocast, args, world, epoch, lr, meter, log):
+    """One epoch. Loss and accuracy add up on the device and are read (summed over ranks) only every
+    --report-freq steps: the loop itself never waits for the GPU. -> (mean loss, accuracy %)."""
+    totals, seen, interval = None, 0, 0
+    for step, (x, y) in enumerate(batches):
+        with autocast():
+            logits, logits_aux = forward(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+            if logits_aux is not None:
+                loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux, y, label_smoothing=args.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        scaler.step(opt)  # with fp16 this reads the inf check: the one sync that loss scaling needs
+        scaler.update()
+        batch = torch.stack([loss.detach().float() * len(y), (logits.argmax(1) == y).sum().float()])
+        totals = batch if totals is None else totals + batch
+        seen, interval = seen + len(y), interval + 1
+        if (step + 1) % args.report_freq == 0 or step + 1 == steps:
+            t, n = reduce_sum(totals.clone(), world).tolist(), seen * world
+            log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} lr {lr:.3e} loss {t[0] / n:.4f} '
+                f'acc {100 * t[1] / n:.2f}% | {meter(interval, interval * len(y) * world)}')
+            interval = 0
+    return t[0] / n, 100 * t[1] / n
+
+
+@torch.no_grad()
+def evaluate(forward, model, batches, autocast, device, world, limit=None):
+    """Test loss, top-1 and top-5 in eval mode, summed over the ranks' parts of the test set. limit: how
+    many of this rank's images are real (the first ones)."""
+    model.eval()
+    totals, seen = torch.zeros(4, dtype=torch.float64, device=device), 0
+    for x, y in batches:
+        if limit is not None:
+            if seen >= limit:
+                break
+            x, y = x[:limit - seen], y[:limit - seen]
+        with autocast():
+            logits = forward(x)[0].float()
+        hits = logits.topk(min(5, logits.shape[1]), 1).indices == y[:, None]
+        totals[:3] += torch.stack([F.cross_entropy(logits, y, reduction='sum'), hits[:, 0].sum(), hits.any(1).sum()])
+        seen += len(y)
+    totals[3] = seen
+    loss, top1, top5, n = reduce_sum(totals, world).tolist()
+    return {'test_loss': loss / n, 'test_top1': 100 * top1 / n, 'test_top5': 100 * top5 / n, 'test_images': int(n)}
+
+
+def rng_states(device, world):
+    """Every rank's RNG state (drop path, 'noise' ops), gathered so that rank 0's checkpoint resumes all ranks."""
+    mine = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def amp_setup(name, device):
+    """-> (resolved name, autocast context factory, gradient scaler: a pass-through unless fp16)."""
+    if name == 'auto':
+        name = 'bf16' if device.type == 'cuda' and torch.cuda.is_bf16_supported() else 'off'
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(name)
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return name, autocast, torch.amp.GradScaler(device.type, enabled=name == 'fp16')
+
+
+def evaluate_checkpoint(args):
+    """--eval: the test accuracy of a checkpoint, on its own dataset and network."""
+    path = os.path.join(args.eval, 'checkpoint.pt') if os.path.isdir(args.eval) else args.eval
+    state = load_checkpoint(path, {}, [])
+    config = state.get('config') or {}
+    if 'genotype' not in config or 'model' not in state:
+        raise RunError(f"'{path}' is not a train.py checkpoint")
+    if args.dataset not in (None, config['dataset']):
+        raise RunError(f"'{path}' was trained on {config['dataset']}, not {args.dataset}")
+    _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})  # the whole test set unless --subset
+    _fill(args, GENERAL)
+    genotype = genotype_from_json(config['genotype'])[0]
+    rank, world, device = setup_distributed(args.device)
+    _, test_q, limit = make_queues(args, device, rank, world, train=False)
+    model = build_model(genotype, args.dataset, args.init_channels, args.layers, args.cells, args.auxiliary_weight > 0)
+    model.load_state_dict(state['model'])
+    model.to(device)
+    if device.type == 'cuda':
+        model = model.to(memory_format=torch.channels_last)
+    _, autocast, _ = amp_setup(args.amp, device)
+    result = evaluate(model, model, device_batches(test_q, device), autocast, device, world, limit)
+    if rank == 0:
+        print(f"test top-1 {result['test_top1']:.2f}% top-5 {result['test_top5']:.2f}% "
+              f"loss {result['test_loss']:.4f} ({result['test_images']} images, {path})", flush=True)
+    return result
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.eval:
+        if args.resume:
+            raise RunError('--eval and --resume exclude each other')
+        return evaluate_checkpoint(args)
+    genotype, space = resolve_args(args)
+    rank, world, device = setup_distributed(args.device)
+    if args.batch_size % world:
+        raise RunError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
+    config = {k: getattr(args, k) for k in CONFIG_KEYS}
+    config['genotype'] = genotype_to_json(genotype, space)
+    state = None
+    if args.resume:
+        state = load_checkpoint(os.path.join(args.save, 'checkpoint.pt'), config, CONFIG_KEYS)
+    else:
+        if args.save is None:
+            save = [os.path.join('runs', f"train-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")]
+            if world > 1:  # rank 0's clock names the folder
+                dist.broadcast_object_list(save)
+            args.save = save[0]
+        elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
+            raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
+                           "or choose another --save")
+    # The model is built alike everywhere and DDP copies rank 0's weights anyway; the seed differs
+    # per rank so that drop-path masks do. The data order comes from the loaders' own generators.
+    seed_everything(args.seed + rank)
+    use_cuda = device.type == 'cuda'
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True
+
+    train_q, test_q, test_limit = make_queues(args, device, rank, world)
+    raw = build_model(genotype, args.dataset, args.init_channels, args.layers, args.cells,
+                      args.auxiliary_weight > 0).to(device)
+    if use_cuda:
+        raw = raw.to(memory_format=torch.channels_last)
+    n_params, n_with_aux = count_parameters(raw), count_parameters(raw, exclude_auxiliary=False)
+    params = list(raw.parameters())
+    opt = torch.optim.SGD(params, args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                          weight_decay=args.weight_decay)
+    if args.schedule == 'cosine':
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)  # to 0, stepped per epoch
+    else:
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=args.lr_gamma)
+    amp, autocast, scaler = amp_setup(args.amp, device)
+
+    # The run folder is written only once data and network are in place: bad input leaves nothing behind.
+    if rank == 0 and state is None:
+        os.makedirs(args.save, exist_ok=True)
+        write_json(os.path.join(args.save, 'args.json'), vars(args))
+        write_json(os.path.join(args.save, 'genotype.json'), config['genotype'])
+    log = Logger(args.save, rank)
+    start_epoch, history, wall = 0, [], 0.0
+    if state is not None:
+        raw.load_state_dict(state['model'])
+        opt.load_state_dict(state['optimizer'])
+        scheduler.load_state_dict(state['scheduler'])
+        scaler.load_state_dict(state['scaler'])
+        if state['train_q'] is not None:
+            train_q.load_state_dict(state['train_q'])
+        if rank < len(state['rng']):  # extra ranks of a wider restart keep their seed
+            torch.set_rng_state(state['rng'][rank]['cpu'])
+            if use_cuda and state['rng'][rank]['cuda'] is not None:
+                torch.cuda.set_rng_state(state['rng'][rank]['cuda'], device)
+        start_epoch, history, wall = state['epoch'], state['history'], state['wall_time']
+        log(f'resumed {args.save} at epoch {start_epoch}')
+    aux = f'{n_with_aux:,} with the auxiliary head' if n_with_aux != n_params else 'no auxiliary head'
+    log(f'{type(raw).__name__} {genotype} on {args.dataset}: {n_params:,} parameters ({aux}); '
+        f'{len(train_q)} steps of {args.batch_size} per epoch, device {device} x {world}, amp {amp}, '
+        f'compile {args.compile}')
+
+    model = raw
+    if world > 1:  # DDP averages the gradients and hands rank 0's BN statistics to all before each forward
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if use_cuda else None)
+    train_forward = torch.compile(model) if args.compile else model
+    eval_forward = torch.compile(raw) if args.compile else raw
+    sampler = getattr(train_q, 'sampler', None)
+
+    steps = len(train_q)
+    meter = Throughput((args.epochs - start_epoch) * steps)
+    t_run = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.time()
+        raw.drop_path_prob = args.drop_path * epoch / args.epochs
+        lr = scheduler.get_last_lr()[0]
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+        raw.train()
+        meter.restart()
+        train_loss, train_acc = train_epoch(train_forward, params, device_batches(train_q, device), steps, opt,
+                                            scaler, autocast, args, world, epoch, lr, meter, log)
+        scheduler.step()
+        # Each rank's BN statistics saw its own last batch: average them, so that every rank holds the
+        # same model (the tests check it) and the ranks' parts of the test set meet the same network.
+        all_reduce_mean([b for b in raw.buffers() if b.is_floating_point()], world)
+        entry = {'epoch': epoch + 1, 'lr': lr, 'drop_path': raw.drop_path_prob, 'train_loss': train_loss,
+                 'train_acc': train_acc}
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+            entry.update(evaluate(eval_forward, raw, device_batches(test_q, device), autocast, device, world,
+                                  test_limit))
+            best = max(h.get('test_top1', -1) for h in history + [entry])
+            log(f"epoch {epoch + 1}/{args.epochs} test loss {entry['test_loss']:.4f} top-1 "
+                f"{entry['test_top1']:.2f}% top-5 {entry['test_top5']:.2f}% (best {best:.2f}%) | "
+                f"train loss {train_loss:.4f} acc {train_acc:.2f}% | {time.time() - t_epoch:.0f} s")
+        entry['time_s'] = time.time() - t_epoch
+        history.append(entry)
+        rng = rng_states(device, world)
+        if rank == 0:
+            write_json(os.path.join(args.save, 'history.json'), history)
+            save_checkpoint(os.path.join(args.save, 'checkpoint.pt'), {
+                'config': config, 'epoch': epoch + 1, 'history': history, 'model': raw.state_dict(),
+                'optimizer': opt.state_dict(), 'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
+                'train_q': train_q.state_dict() if isinstance(train_q, GPULoader) else None, 'rng': rng,
+                'wall_time': wall + time.time() - t_run})
+
+    final = history[-1]  # the last epoch is always tested
+    best = max((h for h in history if 'test_top1' in h), key=lambda h: h['test_top1'])
+    report = {'genotype': config['genotype'], 'network': type(raw).__name__, 'dataset': args.dataset,
+              'test_top1': final['test_top1'], 'test_top5': final['test_top5'], 'test_loss': final['test_loss'],
+              'best_top1': best['test_top1'], 'best_epoch': best['epoch'], 'params': n_params,
+              'params_with_aux': n_with_aux, 'epochs': args.epochs,
+              'wall_time_s': round(wall + time.time() - t_run, 1), 'world_size': world, 'amp': amp}
+    if rank == 0:
+        write_json(os.path.join(args.save, 'report.json'), report)
+    if os.environ.get('MIDAS_RANK_STATES'):  # every rank's final weights, for the tests to compare across ranks
+        save_checkpoint(os.path.join(args.save, f'rank{rank}-state.pt'), raw.state_dict())
+    log(f"final test top-1 {final['test_top1']:.2f}% top-5 {final['test_top5']:.2f}% (best {best['test_top1']:.2f}% "
+        f"at epoch {best['epoch']}); wrote {os.path.join(args.save, 'report.json')}")
+    if world > 1:
+        dist.destroy_process_group()
+    return report
+
+
+if __name__ == '__main__':
+    run_cli(main)

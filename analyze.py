@@ -1,0 +1,616 @@
+"""See what a search decided (issue 7): cell diagrams, mosaic maps and the mixing-weight distributions.
+
+    python analyze.py diagram --genotype RUN/genotype.json --out DIR   # DOT, + SVG/PNG when `dot` is installed
+    python analyze.py mosaic --run RUN [--images 4] [--cells 0,1]     # per-patch winning op, PNG per cell
+    python analyze.py report --run RUN [--samples 512]                 # RUN/analysis/{analysis.json, report.md}
+    python analyze.py compare RUN1 RUN2 ... [--out FILE]               # discrimination per cell, Markdown
+
+A report runs the search's supernet over --samples test images and, per search cell, edge and candidate op,
+looks at the per-image weight w_i (the op's mixing weight averaged over the patches of image i):
+  distribution    mean, std and histogram of w_i; Sarle's bimodality coefficient b (unimodal when b < 5/9)
+  class-awareness one-way ANOVA of w_i by class: F (about 1 when the class does not matter) and eta^2
+  discrimination  normalised entropy and top-1 margin of the mean weights of each edge (what decoding reads),
+                  and the mean entropy of the per-patch weights (how decisively each patch picks)
+Runtime needs torch and numpy only: PNGs are encoded here with zlib, and Graphviz's `dot` is used if on PATH.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import torch
+
+from data import DATASETS, load_dataset, normalize
+from genotypes import genotype_from_json, load_genotype, nb201_parse, node_inputs
+from model import ArchConfig, SearchNetwork
+from train import Parser, RunError, atomic_write, pick_device, run_cli, write_json
+
+UNIMODAL = 5 / 9  # Sarle's b of a uniform distribution: less is read as unimodal
+
+
+def write_bytes(path, payload):
+    atomic_write(path, lambda f: f.write(payload))
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"cannot read '{path}': {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Cell diagrams in the layout of DARTS's visualize.py: inputs c_{k-2}, c_{k-1}, intermediate nodes,
+# edges labelled with their op, output c_{k}. The DOT text is written here (no graphviz package).
+
+def cell_graph(genotype, cell):
+    """-> (nodes [(name, fill colour)], edges [(from, to, op or None for an output edge)]).
+    cell: 'normal' or 'reduce' of a DARTS-style Genotype, or 'nb201' for an arch string (one input
+    c_{k-1}, nodes 1..3, output = node 3; a 'none' edge is kept, drawn dashed)."""
+    if cell == 'nb201':
+        names = ['c_{k-1}', '1', '2', '3']
+        pairs = zip(nb201_parse(genotype), [(i, k) for k, inputs in node_inputs('nb201') for i in inputs])
+        edges = [(names[i], names[k], op) for op, (i, k) in pairs]
+        return ([(names[0], 'darkseagreen2')] + [(n, 'lightblue') for n in names[1:]] + [('c_{k}', 'palegoldenrod')],
+                edges + [(names[-1], 'c_{k}', None)])
+    ops, concat = getattr(genotype, cell), getattr(genotype, cell + '_concat')
+    names = ['c_{k-2}', 'c_{k-1}'] + [str(i) for i in range(len(ops) // 2)]
+    edges = [(names[j], names[n // 2 + 2], op) for n, (op, j) in enumerate(ops)]
+    return ([(n, 'darkseagreen2') for n in names[:2]] + [(n, 'lightblue') for n in names[2:]]
+            + [('c_{k}', 'palegoldenrod')], edges + [(names[s], 'c_{k}', None) for s in concat])
+
+
+def to_dot(name, nodes, edges):
+    lines = [f'digraph {name} {{', '  rankdir=LR;', '  edge [fontsize=20, fontname="times"];',
+             '  node [style=filled, shape=rect, align=center, fontsize=20, height=0.5, width=0.5, penwidth=2, '
+             'fontname="times"];']
+    lines += [f'  "{n}" [fillcolor={colour}];' for n, colour in nodes]
+    for u, v, op in edges:
+        attrs = 'fillcolor=gray' if op is None else f'label="{op}", fillcolor=gray'
+        lines.append(f'  "{u}" -> "{v}" [{attrs}{", style=dashed" if op == "none" else ""}];')
+    return '\n'.join(lines + ['}']) + '\n'
+
+
+def to_mermaid(nodes, edges):
+    """The same graph as a Mermaid flowchart: GitHub draws it in Markdown, so a report shows its cells
+    even where Graphviz is not installed."""
+    ids = {n: f'n{i}' for i, (n, _) in enumerate(nodes)}
+    lines = ['flowchart LR'] + [f'  {ids[n]}["{n}"]' for n, _ in nodes]
+    for u, v, op in edges:
+        arrow = '-->' if op is None else ('-.->' if op == 'none' else '-->') + f'|{op}|'
+        lines.append(f'  {ids[u]} {arrow} {ids[v]}')
+    return '\n'.join(lines) + '\n'
+
+
+def diagram_cells(genotype):
+    """[(file stem, cell)]: DARTS's file names normal / reduction, one 'cell' for an NB201 arch string."""
+    return [('cell', 'nb201')] if isinstance(genotype, str) else [('normal', 'normal'), ('reduction', 'reduce')]
+
+
+def write_diagrams(genotype, out_dir, prefix=''):
+    """Write OUT_DIR/PREFIX{normal,reduction}.dot (NB201: PREFIXcell.dot) and, when Graphviz's `dot` is on
+    PATH, .svg and .png beside them. Graphviz is optional, so its failure is a warning. -> paths written."""
+    dot = shutil.which('dot')
+    paths = []
+    for stem, cell in diagram_cells(genotype):
+        text = to_dot(stem, *cell_graph(genotype, cell))
+        base = os.path.join(out_dir, prefix + stem)
+        write_bytes(base + '.dot', text.encode())
+        paths.append(base + '.dot')
+        for fmt in ('svg', 'png') if dot else ():
+            try:
+                r = subprocess.run([dot, '-T' + fmt], input=text.encode(), capture_output=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                r = subprocess.CompletedProcess([dot], 1, b'', str(e).encode())
+            if r.returncode != 0 or not r.stdout:
+                print(f"warning: Graphviz dot could not draw {base}.{fmt}: "
+                      f"{r.stderr.decode(errors='replace').strip()[:200]}", file=sys.stderr)
+                continue
+            write_bytes(f'{base}.{fmt}', r.stdout)
+            paths.append(f'{base}.{fmt}')
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG: 8-bit RGB, no filtering, one zlib stream. Enough for maps of flat colour, and no PIL needed.
+
+def png_bytes(rgb):
+    """H x W x 3 uint8 array -> the bytes of a PNG file."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w, _ = rgb.shape
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rgb.reshape(h, 3 * w)], axis=1).tobytes()  # filter 0 per row
+
+    def chunk(kind, payload):
+        return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(raw, 9)) + chunk(b'IEND', b''))
+
+
+# A 3x5 pixel font for the PNG labels: 15 bits per glyph, rows top to bottom. Lower case prints as upper.
+_GLYPHS = """
+A 010101111101101 B 110101110101110 C 011100100100011 D 110101101101110 E 111100110100111 F 111100110100100
+G 011100101101011 H 101101111101101 I 111010010010111 J 001001001101010 K 101101110101101 L 100100100100111
+M 101111111101101 N 110101101101101 O 010101101101010 P 110101110100100 Q 010101101110011 R 110101110101101
+S 011100010001110 T 111010010010010 U 101101101101111 V 101101101101010 W 101101111111101 X 101101010101101
+Y 101101010010010 Z 111001010100111 0 111101101101111 1 010110010010111 2 110001010100111 3 110001010001110
+4 101101111001001 5 111100110001110 6 011100111101111 7 111001010010010 8 111101111101111 9 111101111001110
+_ 000000000000111 - 000000111000000 > 100010001010100 < 001010100010001 . 000000000000010 : 000010000010000
+( 001010010010001 ) 100010010010100 / 001001010100100 = 000111000111000 % 101001010100101 , 000000000010100
++ 000010111010000 # 101111101111101
+""".split()
+FONT = dict(zip(_GLYPHS[0::2], _GLYPHS[1::2]))
+
+
+def draw_text(img, x, y, text, scale=2, colour=(0, 0, 0)):
+    """Print text at (x, y) (top left) in the 3x5 font, each font pixel scale x scale; unknown glyphs are blank."""
+    for k, ch in enumerate(text.upper()):
+        bits = FONT.get(ch, '0' * 15)
+        for p, bit in enumerate(bits):
+            if bit == '1':
+                r, c = y + scale * (p // 3), x + scale * (4 * k + p % 3)
+                img[r:r + scale, c:c + scale] = colour
+
+
+def text_width(text, scale=2):
+    return 4 * scale * len(text) - scale
+
+
+# One colour per op name, the same in every run; ops that share a colour never share a space.
+OP_COLOURS = {
+    'none': (90, 90, 90), 'max_pool_3x3': (31, 119, 180), 'avg_pool_3x3': (158, 202, 225),
+    'skip_connect': (255, 127, 14), 'sep_conv_3x3': (44, 160, 44), 'sep_conv_5x5': (166, 216, 84),
+    'dil_conv_3x3': (214, 39, 40), 'dil_conv_5x5': (247, 129, 191), 'noise': (148, 103, 189),
+    'sep_conv_7x7': (140, 86, 75), 'conv_7x1_1x7': (188, 189, 34),
+    'nor_conv_1x1': (148, 103, 189), 'nor_conv_3x3': (214, 39, 40),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# A search run: its supernet, its images, and the weights the supernet gives them
+
+def load_run(run, device):
+    """Rebuild the supernet of a search.py run folder from checkpoint.pt (its 'config' and weights), with
+    args.json for anything the checkpoint does not record. -> (model in eval mode, settings dict)."""
+    ckpt = os.path.join(run, 'checkpoint.pt')
+    if not os.path.isfile(ckpt):
+        raise RunError(f"no checkpoint.pt in '{run}': give the folder a search wrote (search.py --save)")
+    settings = read_json(os.path.join(run, 'args.json')) if os.path.isfile(os.path.join(run, 'args.json')) else {}
+    try:
+        state = torch.load(ckpt, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise RunError(f"checkpoint '{ckpt}' is unreadable ({type(e).__name__})") from None
+    settings.update(state.get('config', {}))
+    missing = [k for k in ('space', 'method', 'dataset', 'init_channels', 'layers', 'cells') if k not in settings]
+    if missing:
+        raise RunError(f"'{run}' does not record {', '.join(missing)} (neither args.json nor the checkpoint)")
+    cfg = ArchConfig(**{f.name: settings[f.name] for f in dataclasses.fields(ArchConfig) if f.name in settings})
+    model = SearchNetwork(settings['space'], settings['init_channels'], DATASETS[settings['dataset']]['num_classes'],
+                          settings['layers'], settings['cells'], cfg)
+    try:
+        model.load_state_dict(state['model'])
+    except (KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"checkpoint '{ckpt}' does not fit the supernet this code builds ({first})") from None
+    return model.to(device).eval(), settings
+
+
+def load_images(settings, root, split, n, download=False):
+    """n images of a split ('test' or 'train') of the run's dataset, from root (None: the run's --data), drawn
+    with a fixed seed so that files sorted by class still give every class: (uint8 N x 3 x H x W to draw,
+    normalised floats, labels)."""
+    root = root or settings.get('data', './data')
+    x, y = load_dataset(settings['dataset'], root, train=split == 'train', download=download)
+    chosen = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+    x, y = x[chosen], y[chosen]
+    meta = DATASETS[settings['dataset']]
+    return x, normalize(x, meta['mean'], meta['std']), y
+
+
+@torch.no_grad()
+def record_weights(model, x, batch_size=64, keep_maps=0):
+    """Run the supernet (eval mode) over normalised images x and keep, per search cell and edge: the
+    per-image weights (mean over patches, N x J), the per-image mean normalised entropy of the patch
+    weights (N) and, for the first keep_maps images, the winning op of every patch (keep_maps x gh x gw).
+    A static DARTS table (1 x J x 1 x 1) counts as the same weights for every image."""
+    cells = model.search_cells()
+    index = {id(c): i for i, c in enumerate(cells)}
+    records = []
+    for cell in cells:
+        edges = [f'{i}->{node}' for node, srcs in cell.nodes for i in srcs]
+        records.append({'type': model.cell_type(cell), 'edges': edges, 'ops': [op.primitives for op in cell._ops],
+                        'grid': None, 'w': [[] for _ in edges], 'patch_entropy': [[] for _ in edges],
+                        'maps': [[] for _ in edges]})
+    batch = {'n': 0, 'seen': 0}
+
+    def recorder(cell, n, w, gamma, pi):
+        rec = records[index[id(cell)]]
+        e0 = sum(len(srcs) for _, srcs in cell.nodes[:n])
+        for e, we in enumerate(w, start=e0):
+            we = we.float().expand(batch['n'], -1, -1, -1)
+            rec['grid'] = tuple(we.shape[-2:])
+            rec['w'][e].append(we.mean((2, 3)).cpu().numpy())
+            ent = -(we * we.clamp_min(1e-12).log()).sum(1) / math.log(we.shape[1])
+            rec['patch_entropy'][e].append(ent.mean((1, 2)).cpu().numpy())
+            keep = keep_maps - batch['seen']
+            if keep > 0:
+                rec['maps'][e].append(we[:keep].argmax(1).cpu().numpy())
+
+    torch.manual_seed(0)  # RDARTS S4's 'noise' op draws random numbers even in eval mode
+    device = next(model.parameters()).device
+    for k in range(0, len(x), batch_size):
+        xb = x[k:k + batch_size].to(device)
+        batch['n'] = len(xb)
+        model(xb, recorder=recorder)
+        batch['seen'] += len(xb)
+    for rec in records:
+        for key in ('w', 'patch_entropy', 'maps'):
+            rec[key] = [np.concatenate(parts) if parts else None for parts in rec[key]]
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics (plain numpy, so the tests can check them against hand computations)
+
+def bimodality(x):
+    """Sarle's bimodality coefficient b = (G1^2 + 1) / (G2 + 3 (n-1)^2 / ((n-2)(n-3))), G1 and G2 the
+    sample (bias-corrected) skewness and excess kurtosis. A normal sample gives about 1/3, a uniform one
+    5/9, two equal spikes nearly 1. None for n < 4 or a constant sample (a point mass: unimodal)."""
+    x = np.asarray(x, np.float64)
+    n = len(x)
+    d = x - x.mean()
+    m2 = (d ** 2).mean() if n else 0.0
+    if n < 4 or m2 < 1e-20:  # float32 weights resolve ~1e-8: a smaller spread is a constant
+        return None
+    g1, g2 = (d ** 3).mean() / m2 ** 1.5, (d ** 4).mean() / m2 ** 2 - 3
+    G1 = g1 * math.sqrt(n * (n - 1)) / (n - 2)
+    G2 = ((n + 1) * g2 + 6) * (n - 1) / ((n - 2) * (n - 3))
+    return float((G1 ** 2 + 1) / (G2 + 3 * (n - 1) ** 2 / ((n - 2) * (n - 3))))
+
+
+def class_separation(x, y):
+    """One-way ANOVA of x by class label y -> (F, eta^2): F = between-class mean square / within-class mean
+    square, eta^2 = between / total sum of squares. None where undefined (one class, no more images than
+    classes, or no spread)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y)
+    _, inv = np.unique(y, return_inverse=True)
+    k, n = int(inv.max()) + 1 if len(inv) else 0, len(x)
+    if k < 2 or n <= k:
+        return None, None
+    counts = np.bincount(inv)
+    means = np.bincount(inv, weights=x) / counts
+    ss_between = float((counts * (means - x.mean()) ** 2).sum())
+    ss_within = float(((x - means[inv]) ** 2).sum())
+    f = (ss_between / (k - 1)) / (ss_within / (n - k)) if ss_within > 1e-20 else None
+    eta2 = ss_between / (ss_between + ss_within) if ss_between + ss_within > 1e-20 else None
+    return f, eta2
+
+
+def sharpness(p):
+    """-> (entropy / log J: 0 when one op has all the weight, 1 when uniform; top-1 minus top-2 weight)."""
+    p = np.asarray(p, np.float64)
+    p = p / p.sum()
+    nz = p[p > 0]
+    top = np.sort(p)
+    return float(-(nz * np.log(nz)).sum() / math.log(len(p))), float(top[-1] - top[-2])
+
+
+def histogram(x, bins):
+    lo, hi = float(x.min()), float(x.max())
+    counts, _ = np.histogram(x, bins=bins, range=(lo, hi))  # numpy widens an empty range by +-0.5
+    return {'lo': lo, 'hi': hi, 'counts': counts.tolist()}
+
+
+def mean_of(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(edges):
+    """Averages over edges (and ops) of what analyse() computes per edge."""
+    return {'entropy': mean_of(e['entropy'] for e in edges), 'margin': mean_of(e['margin'] for e in edges),
+            'patch_entropy': mean_of(e['patch_entropy'] for e in edges),
+            'class_f': mean_of(f for e in edges for f in e['class_f']),
+            'class_eta2': mean_of(v for e in edges for v in e['class_eta2']),
+            'unimodal_share': mean_of(float(u) for e in edges for u in e['unimodal'])}
+
+
+def analyse(records, labels, bins=10):
+    """Per cell: the per-edge statistics and their averages (see the module docstring)."""
+    cells = []
+    for c, rec in enumerate(records):
+        edges = []
+        for e, name in enumerate(rec['edges']):
+            w, ops = rec['w'][e], rec['ops'][e]
+            mean, std = w.mean(0), np.where(np.ptp(w, 0) == 0, 0.0, w.std(0))  # a static table: exactly 0
+            entropy, margin = sharpness(mean)
+            b = [bimodality(w[:, j]) for j in range(len(ops))]
+            sep = [class_separation(w[:, j], labels) for j in range(len(ops))]
+            edges.append({'edge': name, 'ops': ops, 'mean': mean.tolist(), 'std': std.tolist(),
+                          'entropy': entropy, 'margin': margin,
+                          'patch_entropy': float(rec['patch_entropy'][e].mean()),
+                          'bimodality': b, 'unimodal': [v is None or v < UNIMODAL for v in b],
+                          'class_f': [f for f, _ in sep], 'class_eta2': [v for _, v in sep],
+                          'hist': [histogram(w[:, j], bins) for j in range(len(ops))]})
+        cells.append({'cell': c, 'type': rec['type'], 'grid': list(rec['grid']), **summarise(edges), 'edges': edges})
+    return cells
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic maps: per image, the image beside the winning op of every patch of every chosen edge
+
+PANEL, GAP, LABEL_W, SCALE = 96, 6, 52, 2  # panel side, spacing, class column width, font scale (pixels)
+
+
+def upsample(a, size):
+    """Nearest-neighbour resize of the first two axes of a to size x size."""
+    return a[np.arange(size) * a.shape[0] // size][:, np.arange(size) * a.shape[1] // size]
+
+
+def mosaic_png(images, labels, rec, edges, title):
+    """-> H x W x 3 uint8: a header, one row per image (class, image, a map per edge), a colour legend."""
+    line = 5 * SCALE + 6
+    top = 2 * line + 4
+    width = max(LABEL_W + (1 + len(edges)) * (PANEL + GAP) + GAP, text_width(title, SCALE) + 2 * GAP)
+    ops = list(dict.fromkeys(op for e in edges for op in rec['ops'][e]))
+    legend, x, y = [], GAP, 0  # (op, x, row offset) of each swatch, wrapping at the image width
+    for op in ops:
+        w = 16 + 6 + text_width(op, SCALE) + 16
+        if x + w > width:
+            x, y = GAP, y + line
+        legend.append((op, x, y))
+        x += w
+    height = top + len(images) * (PANEL + GAP) + GAP + y + line + GAP
+    img = np.full((height, width, 3), 255, np.uint8)
+    draw_text(img, GAP, 4, title)
+    for k, name in enumerate(['image'] + [rec['edges'][e] for e in edges]):
+        draw_text(img, LABEL_W + GAP + k * (PANEL + GAP), 4 + line, name)
+    draw_text(img, GAP, 4 + line, 'class')
+    grid = rec['maps'][edges[0]].shape[1:]
+    rows = np.arange(PANEL) * grid[0] // PANEL
+    cols = np.arange(PANEL) * grid[1] // PANEL
+    border = np.zeros((PANEL, PANEL), bool)  # patch borders, drawn darker so equal neighbours stay apart
+    border[1:] |= (rows[1:] != rows[:-1])[:, None]
+    border[:, 1:] |= (cols[1:] != cols[:-1])[None, :]
+    for i, (image, label) in enumerate(zip(images, labels)):
+        y0 = top + i * (PANEL + GAP)
+        draw_text(img, GAP, y0 + PANEL // 2 - 5, str(int(label)))
+        x0 = LABEL_W + GAP
+        img[y0:y0 + PANEL, x0:x0 + PANEL] = upsample(image.permute(1, 2, 0).numpy(), PANEL)
+        for k, e in enumerate(edges, start=1):
+            palette = np.array([OP_COLOURS.get(op, (0, 0, 0)) for op in rec['ops'][e]], np.uint8)
+            panel = palette[upsample(rec['maps'][e][i], PANEL)]
+            panel[border] = (panel[border] * 0.6).astype(np.uint8)
+            xk = x0 + k * (PANEL + GAP)
+            img[y0:y0 + PANEL, xk:xk + PANEL] = panel
+    y0 = top + len(images) * (PANEL + GAP) + GAP
+    for op, x, y in legend:
+        img[y0 + y:y0 + y + 5 * SCALE, x:x + 16] = OP_COLOURS.get(op, (0, 0, 0))
+        draw_text(img, x + 22, y0 + y, op)
+    return img
+
+
+def write_mosaics(records, images, labels, cells, edges, out_dir, name):
+    paths = []
+    for c in cells:
+        rec = records[c]
+        title = f"{name}  cell {c} {rec['type']}  {rec['grid'][0]}x{rec['grid'][1]} patches"
+        path = os.path.join(out_dir, f'mosaic_cell{c}.png')
+        write_bytes(path, png_bytes(mosaic_png(images, labels, rec, edges, title)))
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+def fmt(v, digits=4):
+    return '–' if v is None else f'{v:.{digits}f}'
+
+
+def table(header, rows):
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows]) + '\n'
+
+
+CELL_COLUMNS = [('entropy', 'entropy ↓'), ('margin', 'margin ↑'), ('patch_entropy', 'patch entropy ↓'),
+                ('class_f', 'class F'), ('class_eta2', 'class η²'), ('unimodal_share', 'unimodal')]
+
+
+def report_markdown(analysis, diagrams, mosaics, genotype):
+    s = analysis['settings']
+    md = [f"# What the search decided: {analysis['name']}\n",
+          f"Space {s['space']}, method {s['method']}, patch {s.get('patch')}, {s['dataset']}, "
+          f"epochs {s.get('epochs')}; statistics over {analysis['samples']} {analysis['split']} images (seed 0).\n"]
+    if genotype is not None:
+        md.append(f'Genotype: `{genotype}`\n')
+        md.append('## Cells\n')
+        for stem, cell in diagram_cells(genotype):
+            shown = [p for p in diagrams if os.path.basename(p) in (stem + '.svg', stem + '.png')]
+            label = 'cell' if stem == 'cell' else f'{stem} cell'
+            if shown:
+                md.append(f'![{label}]({os.path.basename(shown[0])})\n')
+            else:  # no Graphviz: GitHub draws Mermaid
+                md.append(f'{label.capitalize()} ([{stem}.dot]({stem}.dot)):\n\n```mermaid\n'
+                          f'{to_mermaid(*cell_graph(genotype, cell))}```\n')
+    md.append('## Mosaics\n')
+    if mosaics:
+        md.append('The winning operation of every patch (argmax over the edge\'s candidates) per edge `from->to` '
+                  '(state numbers: DARTS 0, 1 = c_{k-2}, c_{k-1} and 2..5 = nodes 0..3; NB201 0 = the input), '
+                  'beside the image; left: the class label. Darker lines mark patch borders.\n')
+        md += [f'![{os.path.basename(p)}]({os.path.basename(p)})\n' for p in mosaics]
+    else:
+        md.append('None: a --method darts run mixes with one static weight per op, the same for every image '
+                  'and patch (so every std below is 0).\n')
+    md.append('## Per cell\n')
+    md.append(table(['cell', 'type', 'grid'] + [h for _, h in CELL_COLUMNS],
+                    [[c['cell'], c['type'], '{}x{}'.format(*c['grid'])] + [fmt(c[k]) for k, _ in CELL_COLUMNS]
+                     for c in analysis['cells']] +
+                    [['all', '', ''] + [fmt(analysis['summary'][k]) for k, _ in CELL_COLUMNS]]))
+    md.append('entropy, margin: normalised entropy and top-1 margin of each edge\'s mean weights (what decoding '
+              'reads), averaged over edges; patch entropy: mean normalised entropy of the weights of single '
+              'patches; class F, η²: one-way ANOVA of the per-image weights by class, averaged over edges and ops '
+              '(F ≈ 1 when the class does not matter); unimodal: share of the per-op distributions with '
+              "Sarle's bimodality coefficient below 5/9 (constant ones count as unimodal).\n")
+    md.append('## Mean ± std of the per-image weights\n')
+    for c in analysis['cells']:
+        ops = list(dict.fromkeys(op for e in c['edges'] for op in e['ops']))
+        rows = []
+        for e in c['edges']:
+            cell_of = {op: f'{m:.3f} ± {sd:.3f}' for op, m, sd in zip(e['ops'], e['mean'], e['std'])}
+            rows.append([e['edge']] + [cell_of.get(op, '') for op in ops])
+        md.append(f"### Cell {c['cell']} ({c['type']}, {c['grid'][0]}x{c['grid'][1]} patches)\n")
+        md.append(table(['edge'] + ops, rows))
+    return '\n'.join(md)
+
+
+def load_analysis(path):
+    for candidate in (path, os.path.join(path, 'analysis.json'), os.path.join(path, 'analysis', 'analysis.json')):
+        if os.path.isfile(candidate):
+            return read_json(candidate)
+    raise RunError(f"no analysis.json for '{path}': run `python analyze.py report --run {path}` first")
+
+
+def compare_markdown(analyses):
+    """One table per statistic: a row per run, a column per search cell, and their mean."""
+    n_cells = max(len(a['cells']) for a in analyses)
+    types = next(a for a in analyses if len(a['cells']) == n_cells)['cells']
+    metrics = [('grid', 'Patch grid per cell')] + [
+        ('entropy', 'Normalised entropy of the mean weights per edge (lower = sharper)'),
+        ('margin', 'Top-1 margin of the mean weights per edge (higher = sharper)'),
+        ('patch_entropy', 'Mean normalised entropy of single patches (lower = each patch picks more decisively)'),
+        ('class_eta2', 'Class-awareness: η² of the per-image weights by class (no class effect: about '
+                       '(classes - 1) / (images - 1))'),
+        ('unimodal_share', 'Share of unimodal per-op weight distributions (Sarle b < 5/9)')]
+    md = []
+    for key, caption in metrics:
+        header = ['run', 'method', 'patch'] + [f"cell {c['cell']} ({c['type']})" for c in types]
+        rows = []
+        for a in analyses:
+            s = a['settings']
+            if key == 'grid':
+                values = ['{}x{}'.format(*c['grid']) for c in a['cells']] + [''] * (n_cells - len(a['cells']))
+            else:
+                values = [fmt(c[key]) for c in a['cells']] + ['–'] * (n_cells - len(a['cells']))
+                values.append(fmt(a['summary'][key]))
+            rows.append([a['name'], s['method'], s.get('patch')] + values)
+        md.append(f'**{caption}**\n\n' + table(header + ([] if key == 'grid' else ['mean']), rows))
+    return '\n'.join(md)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def pick(spec, n, what):
+    """'0,2' -> [0, 2]; None -> all of range(n)."""
+    if spec is None:
+        return list(range(n))
+    try:
+        out = [int(s) for s in spec.split(',') if s.strip()]
+    except ValueError:
+        raise RunError(f"--{what} wants comma-separated indices like 0,1, not '{spec}'") from None
+    if not out or any(not 0 <= i < n for i in out):
+        raise RunError(f'--{what} {spec}: this run has {n} {what}, numbered 0..{n - 1}')
+    return out
+
+
+def run_genotype(run):
+    """The run's final genotype, else the last one its history decoded, else None (a run just begun)."""
+    if os.path.isfile(os.path.join(run, 'genotype.json')):
+        return genotype_from_json(read_json(os.path.join(run, 'genotype.json')))[0]
+    history = read_json(os.path.join(run, 'history.json')) if os.path.isfile(os.path.join(run, 'history.json')) else []
+    return genotype_from_json(history[-1]['genotype'])[0] if history else None
+
+
+def get_args(argv=None):
+    p = Parser(description='Cell diagrams, mosaic maps and weight statistics of MIDAS / DARTS searches')
+    sub = p.add_subparsers(dest='command', required=True, metavar='{diagram,mosaic,report,compare}')
+    d = sub.add_parser('diagram', help='DOT (and SVG/PNG with Graphviz) diagrams of a genotype')
+    d.add_argument('--genotype', required=True,
+                   help='genotype.json, a published name (DARTS_V2), a Genotype(...) literal or an NB201 arch string')
+    d.add_argument('--out', default='.', help='folder for the files')
+    d.add_argument('--prefix', default='', help='prefix of the file names')
+    for name, help_ in (('mosaic', 'PNG maps of the winning op per patch'),
+                        ('report', 'weight statistics, diagrams and mosaics into RUN/analysis')):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument('--run', required=True, help='folder of a search.py run')
+        s.add_argument('--data', default=None, help="dataset root (default: the run's --data)")
+        s.add_argument('--download', action=argparse.BooleanOptionalAction, default=False,
+                       help='fetch CIFAR when absent from --data (off: the run already has its data)')
+        s.add_argument('--split', default='test', choices=['test', 'train'])
+        s.add_argument('--images', type=int, default=4, help='images per mosaic')
+        s.add_argument('--cells', default=None, help='search cells to draw, e.g. 0,1 (default all)')
+        s.add_argument('--edges', default=None, help='edges to draw, e.g. 0,3 in edge order (default all)')
+        s.add_argument('--out', default=None, help='output folder (default RUN/analysis)')
+        s.add_argument('--batch-size', type=int, default=64)
+        s.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
+        if name == 'report':
+            s.add_argument('--samples', type=int, default=512, help='images the statistics are taken over')
+            s.add_argument('--bins', type=int, default=10, help='histogram bins')
+    c = sub.add_parser('compare', help='Markdown table of the discrimination per cell of several reported runs')
+    c.add_argument('runs', nargs='+', help='run folders (with analysis/analysis.json) or analysis.json files')
+    c.add_argument('--out', default=None, help='also write the table to this Markdown file')
+    args = p.parse_args(argv)
+    for k in ('images', 'batch_size', 'samples', 'bins'):
+        if getattr(args, k, 1) < 1:
+            raise RunError(f"--{k.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.command == 'diagram':
+        genotype, _ = load_genotype(args.genotype)
+        for path in write_diagrams(genotype, args.out, args.prefix):
+            print(f'wrote {path}')
+        return
+    if args.command == 'compare':
+        text = compare_markdown([load_analysis(r) for r in args.runs])
+        print(text)
+        if args.out:
+            write_bytes(args.out, text.encode())
+            print(f'wrote {args.out}')
+        return text
+
+    model, settings = load_run(args.run, pick_device(args.device))
+    midas = settings['method'] == 'midas'
+    if args.command == 'mosaic' and not midas:
+        raise RunError(f"no mosaics for '{args.run}': a --method {settings['method']} run has one static weight per "
+                       "op for every image and patch (analyze.py report still works)")
+    out = args.out or os.path.join(args.run, 'analysis')
+    cells = pick(args.cells, len(model.search_cells()), 'cells')
+    edges = pick(args.edges, len(model.search_cells()[0]._ops), 'edges')
+    n = args.images if args.command == 'mosaic' else args.samples  # mosaics: the first --images of them
+    raw, x, y = load_images(settings, args.data, args.split, n, args.download)
+    records = record_weights(model, x, args.batch_size, keep_maps=args.images if midas else 0)
+    name = os.path.basename(os.path.normpath(args.run))
+    mosaics = write_mosaics(records, raw[:args.images], y[:args.images], cells, edges, out, name) if midas else []
+    for path in mosaics:
+        print(f'wrote {path}')
+    if args.command == 'mosaic':
+        return mosaics
+
+    cell_stats = analyse(records, y.numpy(), args.bins)
+    genotype = run_genotype(args.run)
+    diagrams = write_diagrams(genotype, out) if genotype is not None else []
+    analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
+                'settings': {k: settings.get(k) for k in ('space', 'method', 'patch', 'topology', 'token', 'token_norm',
+                                                          'dataset', 'epochs', 'init_channels', 'layers', 'cells',
+                                                          'subset', 'seed')},
+                'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}
+    write_json(os.path.join(out, 'analysis.json'), analysis)
+    write_bytes(os.path.join(out, 'report.md'), report_markdown(analysis, diagrams, mosaics, genotype).encode())
+    for path in diagrams + [os.path.join(out, 'analysis.json'), os.path.join(out, 'report.md')]:
+        print(f'wrote {path}')
+    return analysis
+
+
+if __name__ == '__main__':
+    run_cli(main)
