@@ -359,6 +359,8 @@ class GPULoader:
         self.pos += 1
         # Random numbers for the whole global batch, so every rank's generator stays in step.
         p = _draw(len(idx), self.generator, self.size, self.crop_pad, self.flip, self.cutout)
+        if self.device.type == 'cuda':  # pinned + non_blocking: a plain copy would wait for the GPU every batch
+            p = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in p.items()}
         if self.world_size > 1:
             part = lambda t: t.tensor_split(self.world_size)[self.rank]
             idx, p = part(idx), {k: part(v) for k, v in p.items()}

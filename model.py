@@ -390,7 +390,8 @@ def drop_path(x, drop_prob):
     1/keep_prob (DARTS utils.drop_path, out of place so autograd never sees an in-place edit)."""
     if drop_prob > 0.:
         keep_prob = 1. - drop_prob
-        mask = x.new_empty(x.size(0), 1, 1, 1).bernoulli_(keep_prob)
+        # rand < keep rather than bernoulli_(keep): torch.compile would recompile for every new keep.
+        mask = (torch.rand(x.size(0), 1, 1, 1, device=x.device) < keep_prob).to(x.dtype)
         x = x.div(keep_prob) * mask
     return x
 

@@ -21,7 +21,7 @@ from analyze import write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, SearchNetwork, average_weights
-from train import (Logger, Parser, RunError, all_reduce_mean, format_eta, load_checkpoint, run_cli,
+from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_checkpoint, run_cli,
                    save_checkpoint, seed_everything, setup_distributed, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
@@ -258,7 +258,7 @@ def main(argv=None):
                        f'{args.batch_size}')
     use_cuda = device.type == 'cuda'
     loader_kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
-                     flip=args.dataset != 'svhn', channels_last=use_cuda)
+                     channels_last=use_cuda)
     # Each rank takes its slice of every global batch, so --batch-size is the global batch.
     train_q = GPULoader(x[train_idx], y[train_idx], args.batch_size, seed=args.seed, **loader_kw)
     val_q = GPULoader(x[val_idx], y[val_idx], args.batch_size, seed=args.seed + 1, **loader_kw)
@@ -304,13 +304,14 @@ def main(argv=None):
             f'parameters, device {device}, world {world}')
 
     steps = len(train_q)
-    t_start, done_iters = time.time(), 0
+    meter = Throughput((args.epochs - start_epoch) * steps)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         lr = scheduler.get_last_lr()[0]
         totals = torch.zeros(4, device=device)  # train loss, train correct, val loss, val correct
         seen = 0
-        t_log, it_log = time.time(), 0
+        meter.restart()
+        it_log = 0
         for step, (x_tr, y_tr) in enumerate(train_q):
             x_val, y_val = val_q.next_batch()
             if args.unrolled:
@@ -324,16 +325,11 @@ def main(argv=None):
             it_log += 1
             if (step + 1) % args.report_freq == 0 or step + 1 == steps:
                 t = totals.tolist()  # the only host synchronisation, once per report
-                dt = time.time() - t_log
-                done_iters += it_log
-                rate = it_log * len(y_tr) * world / dt
-                left = (args.epochs - epoch) * steps - step - 1
-                eta = (time.time() - t_start) / done_iters * left
                 log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} lr {lr:.4f} '
                     f'train loss {t[0] / seen:.3f} acc {100 * t[1] / seen:.1f}% | '
                     f'val loss {t[2] / seen:.3f} acc {100 * t[3] / seen:.1f}% | '
-                    f'{rate:.0f} img/s {dt / it_log:.3f} s/it ETA {format_eta(eta)}')
-                t_log, it_log = time.time(), 0
+                    f'{meter(it_log, it_log * len(y_tr) * world)}')
+                it_log = 0
         scheduler.step()
 
         genotype, record = decode(model, decode_batches(decode_q, args.epoch_decode_samples, args.method), args)

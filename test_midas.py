@@ -38,6 +38,31 @@ def run_script(*args, env=None, timeout=300):
                           timeout=timeout)
 
 
+def kill_after_first_checkpoint(args, save):
+    """Start `python ARGS --save SAVE` and SIGKILL it the moment SAVE/checkpoint.pt appears. -> that path."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
+    proc = subprocess.Popen([sys.executable, *args, '--save', save], cwd=HERE, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = os.path.join(save, 'checkpoint.pt')
+    deadline = time.time() + 120
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    return ckpt
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test on one thread: on a shared, busy CPU, OpenMP's spin-waiting threads make every op
+    several times slower (a tiny search: 25 s on two threads, 4 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Recorder:
     def __init__(self):
         self.calls = []
@@ -293,16 +318,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path):
     assert r.returncode == 0, r.stderr
 
     killed = str(tmp_path / 'killed')
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
-    proc = subprocess.Popen([sys.executable, *args, '--save', killed], cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = os.path.join(killed, 'checkpoint.pt')
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    ckpt = kill_after_first_checkpoint(args, killed)
     assert torch.load(ckpt, weights_only=False)['epoch'] < 3
     assert not os.path.exists(os.path.join(killed, 'genotype.json'))
 
@@ -579,21 +595,6 @@ def _train_cli(capsys, *argv):
     return subprocess.CompletedProcess(argv, e.value.code, out, err)
 
 
-def kill_after_first_checkpoint(args, save):
-    """Start `python ARGS --save SAVE` and SIGKILL it the moment SAVE/checkpoint.pt appears. -> that path."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=HERE)
-    proc = subprocess.Popen([sys.executable, *args, '--save', save], cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpt = os.path.join(save, 'checkpoint.pt')
-    deadline = time.time() + 120
-    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
-    return ckpt
-
-
 def _same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -626,7 +627,7 @@ def test_train_defaults_are_the_darts_protocols():
             args.layers) == (250, 128, 0.1, 'step', 0.97, 0.1, 3e-5, 0.4, 5.0, 0.0, 48, 14)
 
 
-def test_train_torchrun_two_ranks_end_with_identical_weights(cifar, tmp_path, capsys):
+def test_train_torchrun_two_ranks_end_with_identical_weights(cifar, tmp_path, capsys, one_thread):
     save = str(tmp_path / 'ddp')
     r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
                    '--genotype', 'DARTS_V2', '--data', cifar, '--save', save, *TRAIN_TINY, '--layers', '3',
@@ -650,7 +651,7 @@ def test_train_torchrun_two_ranks_end_with_identical_weights(cifar, tmp_path, ca
 
 
 @pytest.mark.parametrize('space', ['darts', 'nb201'])
-def test_train_search_genotype_trains_unedited(cifar, tmp_path, space):
+def test_train_search_genotype_trains_unedited(cifar, tmp_path, space, one_thread):
     run = str(tmp_path / 'search')
     search.main(['--data', cifar, '--save', run, '--space', space, *TINY])
     save = str(tmp_path / 'train')
@@ -667,7 +668,7 @@ def test_train_search_genotype_trains_unedited(cifar, tmp_path, space):
         assert os.path.isfile(os.path.join(save, name)), name
 
 
-def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, capsys):
+def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, capsys, one_thread):
     args = ['train.py', '--genotype', NOISY, '--data', cifar, *TRAIN_TINY, '--layers', '3', '--epochs', '3']
     full = str(tmp_path / 'full')
     r = run_script(*args, '--save', full)
@@ -703,7 +704,8 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
 @pytest.mark.parametrize('flags, words', [
     (['--genotype', "Genotype(normal=[('sep_conv_3x3', 0)"], ['malformed genotype literal']),
     (['--genotype', "Genotype(normal=[('conv_9x9', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
-                    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=[2])"], ["unknown op 'conv_9x9'"]),
+                    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=[2])"],
+     ["unknown op 'conv_9x9'"]),
     (['--genotype', 'S2_JSON'], ["op 'sep_conv_5x5' is not a candidate", "space 's2'"]),
     (['--genotype', '|nor_conv_3x3~0|+|conv_9x9~0|none~1|+|none~0|none~1|none~2|'], ["unknown NAS-Bench-201 op"]),
     (['--genotype', '|nor_conv_3x3~0|+|none~0|'], ['malformed NAS-Bench-201 arch string']),
@@ -738,13 +740,13 @@ def test_train_bad_input_from_the_command_line(cifar, tmp_path):
     assert not os.path.exists(tmp_path / 'r')
 
 
-def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch):
+def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, one_thread):
     made = []
 
     def loader(root, is_train, batch_size, workers, distributed=False):  # data.imagenet_loader without torchvision
         made.append((is_train, batch_size, distributed))
         g = torch.Generator().manual_seed(int(is_train))
-        n = 8 if is_train else 6
+        n = 4 if is_train else 3
         ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 224, 224, generator=g),
                                             torch.randint(0, 1000, (n,), generator=g))
         return torch.utils.data.DataLoader(ds, batch_size, shuffle=is_train, drop_last=is_train)
@@ -752,13 +754,13 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch):
     monkeypatch.setattr(train, 'imagenet_loader', loader)
     save = str(tmp_path / 'run')
     report = train.main(['--genotype', 'DARTS_V2', '--dataset', 'imagenet', '--data', str(tmp_path), '--save', save,
-                         '--epochs', '2', '--batch-size', '4', '--init-channels', '8', '--layers', '3',
+                         '--epochs', '2', '--batch-size', '2', '--init-channels', '4', '--layers', '3',
                          '--device', 'cpu'])
-    assert made == [(True, 4, False), (False, 4, False)] and report['network'] == 'NetworkImageNet'
+    assert made == [(True, 2, False), (False, 2, False)] and report['network'] == 'NetworkImageNet'
     with open(os.path.join(save, 'history.json')) as f:
         history = json.load(f)
     assert [h['lr'] for h in history] == pytest.approx([0.1, 0.097])  # step decay 0.97 per epoch
-    assert [h['test_images'] for h in history] == [6, 6]
+    assert [h['test_images'] for h in history] == [3, 3]
 
     # DistributedSampler pads a rank's part of the test set with repeats: only the first `limit` count
     net = torch.nn.Linear(4, 7)

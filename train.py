@@ -265,7 +265,8 @@ def get_args(argv=None):
     p.add_argument('--report-freq', type=int, default=50, help='log every N steps')
     p.add_argument('--eval-freq', type=int, default=1, help='test every N epochs (and after the last)')
     p.add_argument('--resume', metavar='RUN', help='continue the killed run in folder RUN (its flags are the defaults)')
-    p.add_argument('--eval', metavar='CHECKPOINT', help='print the test accuracy of a checkpoint (or run folder) and exit')
+    p.add_argument('--eval', metavar='CHECKPOINT',
+                   help='print the test accuracy of a checkpoint (or of a run folder\'s) and exit')
     return p.parse_args(argv)
 
 
@@ -391,8 +392,9 @@ def train_epoch(forward, params, batches, steps, opt, scaler, autocast, args, wo
         with autocast():
             logits, logits_aux = forward(x)
             loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
-            if logits_aux is not None:
-                loss = loss + args.auxiliary_weight * F.cross_entropy(logits_aux, y, label_smoothing=args.label_smoothing)
+            if logits_aux is not None:  # as in DARTS, the auxiliary loss is smoothed alike
+                aux = F.cross_entropy(logits_aux, y, label_smoothing=args.label_smoothing)
+                loss = loss + args.auxiliary_weight * aux
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.grad_clip > 0:
@@ -460,7 +462,8 @@ def evaluate_checkpoint(args):
         raise RunError(f"'{path}' is not a train.py checkpoint")
     if args.dataset not in (None, config['dataset']):
         raise RunError(f"'{path}' was trained on {config['dataset']}, not {args.dataset}")
-    _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})  # the whole test set unless --subset
+    # The run's network and dataset; the whole test set unless --subset says otherwise.
+    _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})
     _fill(args, GENERAL)
     genotype = genotype_from_json(config['genotype'])[0]
     rank, world, device = setup_distributed(args.device)
