@@ -171,7 +171,8 @@ class SearchCell(nn.Module):
         self.attention = nn.ModuleList(
             [NodeAttention(len(inputs), C, cfg) for _, inputs in self.nodes]) if cfg.method == 'midas' else None
 
-    def forward(self, inputs, alpha=None, recorder=None):
+    def forward(self, inputs, alpha=None, recorder=None, offset=None):
+        """offset: an E x J table added to the mixing weights (mean-shift sampling), or None."""
         if self.kind == 'darts':
             states = [self.preprocess0(inputs[0]), self.preprocess1(inputs[1])]
         else:
@@ -183,6 +184,8 @@ class SearchCell(nn.Module):
             outs = [op(states[i]) for op, i in zip(edges, srcs)]
             scores = self._scores(n, srcs, states, edges, outs, pooled, alpha, e0)
             w, gamma, pi = edge_weights(scores, edges, self.topology)
+            if offset is not None:
+                w = [we + offset[e0 + e, :we.shape[1]].view(1, -1, 1, 1) for e, we in enumerate(w)]
             if recorder is not None:
                 recorder(self, n, w, gamma, pi)
             x = None
@@ -280,6 +283,8 @@ class SearchNetwork(nn.Module):
             self.lastact = nn.Sequential(nn.BatchNorm2d(C_p), nn.ReLU(inplace=True))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_p, num_classes)
+        self.feature_channels, self.feature_stride = C_p, 4  # the last map is 1/4 of the input: two reductions
+        self.mix_offset = None  # {cell type: E x J}, set only while mean-shift sampling runs
         if cfg.method == 'darts':  # one table per cell type, shared by all cells of that type (§6)
             self.alphas = nn.ParameterDict({
                 t: nn.Parameter(1e-3 * torch.randn(len(self.space[t]), len(self.space[t][0])))
@@ -290,16 +295,20 @@ class SearchNetwork(nn.Module):
     def cell_type(self, cell):
         return 'reduce' if cell.reduction else 'normal'
 
-    def forward(self, x, recorder=None):
+    def forward(self, x, recorder=None, features=False):
+        """-> logits, or (logits, the last feature map) with features=True (masked image modelling)."""
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             if isinstance(cell, SearchCell):
-                alpha = self.alphas[self.cell_type(cell)] if self.alphas is not None else None
-                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder)
+                cell_type = self.cell_type(cell)
+                alpha = self.alphas[cell_type] if self.alphas is not None else None
+                offset = self.mix_offset[cell_type] if self.mix_offset is not None else None
+                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset)
             else:
                 s0, s1 = s1, cell(s1)
-        out = self.global_pooling(self.lastact(s1))
-        return self.classifier(out.flatten(1))
+        fmap = self.lastact(s1)
+        logits = self.classifier(self.global_pooling(fmap).flatten(1))
+        return (logits, fmap) if features else logits
 
     def arch_parameters(self):
         if self.alphas is not None:
@@ -312,6 +321,39 @@ class SearchNetwork(nn.Module):
 
     def search_cells(self):
         return [c for c in self.cells if isinstance(c, SearchCell)]
+
+
+class MIMDecoder(nn.Module):
+    """Masked image modelling's light decoder (alpha-DARTS, METHOD.md §11): a 1x1 convolution to
+    3 * scale^2 channels and a pixel shuffle turn the last feature map back into an image."""
+
+    def __init__(self, C_in, scale):
+        super().__init__()
+        self.conv = nn.Conv2d(C_in, 3 * scale * scale, 1)
+        self.shuffle = nn.PixelShuffle(scale)
+
+    def forward(self, fmap):
+        return self.shuffle(self.conv(fmap))
+
+
+def mask_patches(x, ratio, patch, generator=None):
+    """Zero round(ratio * n) random patch x patch squares of each image (zero is the mean colour of a
+    normalised image). -> (masked images, mask B x 1 x H x W with 1 where masked)."""
+    b, _, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    n = gh * gw
+    k = int(round(ratio * n))
+    order = torch.rand(b, n, generator=generator).argsort(1)
+    mask = torch.zeros(b, n)
+    mask.scatter_(1, order[:, :k], 1.0)
+    mask = mask.view(b, 1, gh, gw).repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(x.device, x.dtype)
+    mask = F.pad(mask, (0, w - gw * patch, 0, h - gh * patch))
+    return x * (1 - mask), mask
+
+
+def mim_loss(recon, x, mask):
+    """Mean squared error over the masked pixels only; 0 when nothing is masked."""
+    return ((recon - x) ** 2 * mask).sum() / (3 * mask.sum()).clamp_min(1)
 
 
 # ---------------------------------------------------------------------------------------------

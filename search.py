@@ -20,14 +20,15 @@ import torch.nn.functional as F
 from analyze import write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
-from model import ArchConfig, SearchNetwork, average_weights
+from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_checkpoint, run_cli,
                    save_checkpoint, seed_everything, setup_distributed, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'dataset',
                'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
-               'unrolled', 'lr', 'lr_min', 'arch_lr']
+               'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift',
+               'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth']
 
 
 def get_args(argv=None):
@@ -48,6 +49,19 @@ def get_args(argv=None):
                    help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12)")
     p.add_argument('--token-norm', action=argparse.BooleanOptionalAction, default=True, help='LayerNorm on query/key tokens')
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
+    p.add_argument('--arch-warmup', type=int, default=None,
+                   help='epochs of weight steps only before architecture steps start (default 5 with '
+                        '--mean-shift, else 0)')
+    # The sources' other methods (METHOD.md §11), for midas and darts alike
+    p.add_argument('--mim', type=float, default=0.0, metavar='WEIGHT',
+                   help='masked image modelling (alpha-DARTS): weight of the reconstruction loss (0 = off)')
+    p.add_argument('--mim-ratio', type=float, default=0.5, help='share of patches masked')
+    p.add_argument('--mim-patch', type=int, default=4, help='side of a masked patch in pixels')
+    p.add_argument('--mean-shift', action='store_true', help='mean-shift sampling of the mixing weights (MS-DARTS)')
+    p.add_argument('--ms-iters', type=int, default=2, help='mean-shift rounds T')
+    p.add_argument('--ms-samples', type=int, default=3, help='points per round N')
+    p.add_argument('--ms-eps', type=float, default=0.25, help='half-width of the sampling box')
+    p.add_argument('--ms-bandwidth', type=float, default=1.0, help='Gaussian kernel bandwidth h')
     p.add_argument('--epochs', type=int, default=50)
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--init-channels', type=int, default=16)
@@ -90,6 +104,12 @@ def check_args(args):
             raise RunError(f"--{name.replace('_', '-')} must be at least 1")
     if space['kind'] == 'darts' and args.layers < 3:
         raise RunError('--layers must be at least 3 (a DARTS supernet has two reduction cells)')
+    if args.arch_warmup is None:
+        args.arch_warmup = 5 if args.mean_shift else 0
+    if args.mim < 0 or not 0 <= args.mim_ratio <= 1 or args.mim_patch < 1 or size % args.mim_patch:
+        raise RunError(f'--mim needs a weight >= 0, --mim-ratio in [0, 1] and a --mim-patch dividing {size}')
+    if args.mean_shift and (args.ms_iters < 1 or args.ms_samples < 1 or args.ms_eps < 0 or args.ms_bandwidth <= 0):
+        raise RunError('--mean-shift needs --ms-iters >= 1, --ms-samples >= 1, --ms-eps >= 0, --ms-bandwidth > 0')
     if not 0 < args.train_portion < 1:
         raise RunError('--train-portion must be between 0 and 1')
     return cfg
@@ -139,16 +159,48 @@ def arch_step(model, arch_params, arch_opt, x, y, world, autocast):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast):
+def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=None):
+    """mim: (decoder, loss weight, mask ratio, mask patch) adds masked image modelling (alpha-DARTS):
+    the supernet sees the masked images and the decoder recovers the masked pixels from its features."""
     w_opt.zero_grad(set_to_none=True)
     with autocast():
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        if mim is None:
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        else:
+            decoder, mim_weight, ratio, patch = mim
+            masked, mask = mask_patches(x, ratio, patch)
+            logits, fmap = model(masked, features=True)
+            loss = F.cross_entropy(logits, y) + mim_weight * mim_loss(decoder(fmap).float(), x, mask)
     loss.backward(inputs=weights)  # the architecture parameters get no gradient here
     all_reduce_mean([p.grad for p in weights], world)
     torch.nn.utils.clip_grad_norm_(weights, grad_clip)
     w_opt.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def mean_shift_offsets(model, x, y, args, autocast):
+    """MS-DARTS's mean-shift sampling (METHOD.md §11), as offsets to the mixing weights the cells use
+    (softmax(alpha) for darts; the attention weights for midas, the offset broadcast over samples and
+    patches). T rounds: N points drawn within +-eps of the current point, each weighted by the softmax
+    of its training loss times a Gaussian kernel of its squared distance; move to the weighted mean."""
+    types = ('normal', 'reduce') if model.kind == 'darts' else ('normal',)
+    centre = {t: torch.zeros(len(model.space[t]), len(model.space[t][0]), device=x.device) for t in types}
+    with torch.no_grad():
+        for _ in range(args.ms_iters):
+            points = [{t: c + args.ms_eps * (2 * torch.rand(c.shape) - 1).to(x.device) for t, c in centre.items()}
+                      for _ in range(args.ms_samples)]
+            losses = []
+            for point in points:
+                model.mix_offset = point
+                with autocast():
+                    losses.append(F.cross_entropy(model(x), y).float())
+            dist2 = torch.stack([sum(((p[t] - centre[t]) ** 2).sum() for t in types) for p in points])
+            weight = torch.stack(losses).softmax(0) * torch.exp(-dist2 / (2 * args.ms_bandwidth ** 2))
+            weight = weight / weight.sum()
+            centre = {t: sum(w * p[t] for w, p in zip(weight, points)) for t in types}
+    model.mix_offset = None
+    return centre
 
 
 def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, batch_train, lr, args, world,
@@ -273,7 +325,11 @@ def main(argv=None):
     if use_cuda:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    mim_decoder = MIMDecoder(model.feature_channels, model.feature_stride).to(device) if args.mim else None
+    mim = (mim_decoder, args.mim, args.mim_ratio, args.mim_patch) if args.mim else None
     arch_params, weights = model.arch_parameters(), model.weight_parameters()
+    if mim_decoder is not None:
+        weights += list(mim_decoder.parameters())
     w_opt = torch.optim.SGD(weights, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     arch_opt = torch.optim.Adam(arch_params, args.arch_lr, betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=args.lr_min)
@@ -284,6 +340,8 @@ def main(argv=None):
     start_epoch, history = 0, []
     if resume_state is not None:
         model.load_state_dict(resume_state['model'])
+        if mim_decoder is not None:
+            mim_decoder.load_state_dict(resume_state['mim_decoder'])
         w_opt.load_state_dict(resume_state['w_opt'])
         arch_opt.load_state_dict(resume_state['arch_opt'])
         scheduler.load_state_dict(resume_state['scheduler'])
@@ -314,12 +372,19 @@ def main(argv=None):
         it_log = 0
         for step, (x_tr, y_tr) in enumerate(train_q):
             x_val, y_val = val_q.next_batch()
-            if args.unrolled:
+            if epoch < args.arch_warmup:  # weights only; the val batch is still drawn, so resume stays exact
+                with torch.no_grad():
+                    logits = forward(x_val)
+                    v_loss, v_ok = F.cross_entropy(logits, y_val), (logits.argmax(1) == y_val).sum()
+            elif args.unrolled:
                 v_loss, v_ok = unrolled_arch_step(forward, arch_params, weights, arch_opt, w_opt, (x_val, y_val),
                                                   (x_tr, y_tr), lr, args, world, autocast)
             else:
                 v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast)
-            t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast)
+            if args.mean_shift:
+                model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast)
+            t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim)
+            model.mix_offset = None
             totals += torch.stack([t_loss * len(y_tr), t_ok.float(), v_loss * len(y_val), v_ok.float()])
             seen += len(y_tr)
             it_log += 1
@@ -346,6 +411,7 @@ def main(argv=None):
             write_json(os.path.join(args.save, 'history.json'), history)
             save_checkpoint(os.path.join(args.save, 'checkpoint.pt'), {
                 'config': config, 'epoch': epoch + 1, 'history': history, 'model': model.state_dict(),
+                'mim_decoder': mim_decoder.state_dict() if mim_decoder is not None else None,
                 'w_opt': w_opt.state_dict(), 'arch_opt': arch_opt.state_dict(), 'scheduler': scheduler.state_dict(),
                 'train_q': train_q.state_dict(), 'val_q': val_q.state_dict(), 'rng_cpu': torch.get_rng_state(),
                 'rng_cuda': torch.cuda.get_rng_state(device) if use_cuda else None})

@@ -770,3 +770,107 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
     whole = train.evaluate(forward, net, [(x[:6], y[:6]), (x[6:], y[6:])], autocast, torch.device('cpu'), 1)
     padded = [(x[:6], y[:6]), (torch.cat([x[6:], x[:3]]), torch.cat([y[6:], y[:3]])), (x[:4], y[:4])]
     assert train.evaluate(forward, net, padded, autocast, torch.device('cpu'), 1, limit=10) == whole
+
+
+# ---- the sources' other methods: --mim and --mean-shift (issue 6) ----
+
+def _ms_args(**kw):
+    import argparse
+    return argparse.Namespace(**{'ms_iters': 2, 'ms_samples': 3, 'ms_eps': 0.25, 'ms_bandwidth': 1.0, **kw})
+
+
+def _step_setup(method, space='nb201'):
+    torch.manual_seed(0)
+    model = SearchNetwork(space, C=4, layers=3, cells=1, cfg=ArchConfig(method=method))
+    weights = model.weight_parameters()
+    opt = torch.optim.SGD(weights, 0.1, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    return model, weights, opt, x, y
+
+
+def _no_autocast():
+    return torch.autocast('cpu', enabled=False)
+
+
+@pytest.mark.parametrize('method', ['midas', 'darts'])
+def test_mean_shift_moves_only_the_mixing_weights(method):
+    from search import mean_shift_offsets, weight_step
+    model, weights, opt, x, y = _step_setup(method, 'darts')
+    arch_before = [p.detach().clone() for p in model.arch_parameters()]
+    w_before = [p.detach().clone() for p in weights]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    offsets = mean_shift_offsets(model, x, y, _ms_args(), _no_autocast)
+    assert model.mix_offset is None
+    assert set(offsets) == {'normal', 'reduce'} and offsets['normal'].shape == (14, 8)
+    assert 0 < offsets['normal'].abs().max() <= 2 * 0.25  # T = 2 rounds within +-eps
+    model.load_state_dict(state)  # the sampling's forward passes moved BN statistics only
+    model.mix_offset = offsets
+    weight_step(model, weights, opt, x, y, 5.0, 1, _no_autocast)
+    model.mix_offset = None
+    shifted = [p.detach().clone() for p in weights]
+    assert all(torch.equal(a, p) for a, p in zip(arch_before, model.arch_parameters()))
+    assert all(p.grad is None for p in model.arch_parameters())
+    # the same step without the offset ends elsewhere: the offset did change the mixing
+    model2, weights2, opt2, _, _ = _step_setup(method, 'darts')
+    model2.load_state_dict(state)
+    weight_step(model2, weights2, opt2, x, y, 5.0, 1, _no_autocast)
+    assert any(not torch.equal(a, b) for a, b in zip(shifted, weights2))
+    assert any(not torch.equal(a, b) for a, b in zip(shifted, w_before))
+
+
+def test_zero_offset_changes_nothing():
+    model, _, _, x, _ = _step_setup('midas')
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+        model.mix_offset = {'normal': torch.zeros(6, 5)}
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+
+
+def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
+    from model import MIMDecoder, mask_patches, mim_loss
+    from search import weight_step
+    x = torch.randn(2, 3, 32, 32)
+    masked, mask = mask_patches(x, 0.0, 4)
+    assert mask.sum() == 0 and torch.equal(masked, x) and mim_loss(torch.zeros_like(x), x, mask) == 0
+    masked, mask = mask_patches(x, 0.25, 8)
+    assert mask.shape == (2, 1, 32, 32) and mask.mean() == 0.25
+    assert torch.equal(masked[mask.expand_as(x) > 0], torch.zeros(int(mask.sum()) * 3))
+    # reconstruction error counts masked pixels only
+    recon = x.clone()
+    recon[mask.expand_as(x) == 0] += 5
+    assert mim_loss(recon, x, mask) == 0
+
+    for ratio in (0.0, 0.5):
+        model, weights, opt, x, y = _step_setup('midas')
+        decoder = MIMDecoder(model.feature_channels, model.feature_stride)
+        params = list(decoder.parameters())
+        weight_step(model, weights + params, opt.__class__(weights + params, 0.1), x, y, 5.0, 1, _no_autocast,
+                    (decoder, 1.0, ratio, 4))
+        grads = torch.cat([p.grad.flatten() for p in params])
+        assert (grads.abs().sum() > 0) == (ratio > 0)
+        assert decoder(torch.randn(1, model.feature_channels, 8, 8)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize('space, method, flags', [
+    ('s3', 'darts', ['--mean-shift', '--arch-warmup', '0']),
+    ('nb201', 'midas', ['--mim', '1.0', '--mean-shift', '--arch-warmup', '0']),
+    ('darts', 'midas', ['--mim', '0.5', '--mim-ratio', '0.75', '--mim-patch', '8']),
+])
+def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, space, method, flags):
+    save = str(tmp_path / 'run')
+    g = search.main(['--data', cifar, '--save', save, '--space', space, '--method', method, *TINY, *flags])
+    G.validate_genotype(g, space)
+    state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
+    assert (state['mim_decoder'] is not None) == ('--mim' in flags)
+
+
+def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path):
+    save = str(tmp_path / 'run')
+    torch.manual_seed(0)
+    search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY, '--arch-warmup', '1'])
+    torch.manual_seed(0)
+    fresh = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False))
+    arch = _arch_state(save)
+    fresh_arch = {k: v for k, v in fresh.state_dict().items() if k in arch}
+    assert arch.keys() == fresh_arch.keys() and all(torch.equal(arch[k], fresh_arch[k]) for k in arch)
