@@ -529,9 +529,60 @@ def run_genotype(run):
     return genotype_from_json(history[-1]['genotype'])[0] if history else None
 
 
+# ---------------------------------------------------------------------------------------------
+# NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
+
+SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'mim', 'mean_shift', 'unrolled', 'epochs',
+                'init_channels', 'cells', 'subset', 'dataset')
+
+
+def setting_name(s):
+    name = s['method'] + (f" patch {s['patch']}" if s['method'] == 'midas' else '')
+    if s.get('token', 'meanstd') != 'meanstd' and s['method'] == 'midas':
+        name += f" token {s['token']}"
+    if s.get('token_norm') is False and s['method'] == 'midas':
+        name += ' no-LN'
+    if s.get('mim'):
+        name += f" + mim {s['mim']:g}"
+    if s.get('mean_shift'):
+        name += ' + mean-shift'
+    return name
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return '–'
+    a = np.array(values, dtype=float)
+    return f'{a.mean():.2f} ± {a.std():.2f}' if len(a) > 1 else f'{a[0]:.2f}'
+
+
+def nb201_results(runs):
+    """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories)."""
+    groups = {}
+    for run in runs:
+        settings = read_json(os.path.join(run, 'args.json'))
+        history = read_json(os.path.join(run, 'history.json'))
+        final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
+        if not final or 'nb201' not in final:
+            raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
+        key = tuple(settings.get(k) for k in SETTING_KEYS)
+        groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
+    rows = []
+    for g in groups.values():
+        s, runs_ = g['settings'], sorted(g['runs'], key=lambda r: r[0])
+        epochs = min(len(h) for _, _, h in runs_)
+        trajectory = ' → '.join(mean_std([h[e].get('nb201', {}).get('test') for _, _, h in runs_]).split(' ±')[0]
+                                for e in range(epochs))
+        rows.append([setting_name(s), ','.join(str(seed) for seed, _, _ in runs_),
+                     mean_std([f['nb201']['valid'] for _, f, _ in runs_]), mean_std([f['nb201']['test'] for _, f, _ in runs_]),
+                     trajectory])
+    return table(['setting', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch'], rows)
+
+
 def get_args(argv=None):
     p = Parser(description='Cell diagrams, mosaic maps and weight statistics of MIDAS / DARTS searches')
-    sub = p.add_subparsers(dest='command', required=True, metavar='{diagram,mosaic,report,compare}')
+    sub = p.add_subparsers(dest='command', required=True, metavar='{diagram,mosaic,report,compare,nb201}')
     d = sub.add_parser('diagram', help='DOT (and SVG/PNG with Graphviz) diagrams of a genotype')
     d.add_argument('--genotype', required=True,
                    help='genotype.json, a published name (DARTS_V2), a Genotype(...) literal or an NB201 arch string')
@@ -557,6 +608,9 @@ def get_args(argv=None):
     c = sub.add_parser('compare', help='Markdown table of the discrimination per cell of several reported runs')
     c.add_argument('runs', nargs='+', help='run folders (with analysis/analysis.json) or analysis.json files')
     c.add_argument('--out', default=None, help='also write the table to this Markdown file')
+    n = sub.add_parser('nb201', help='mean +- std of the NAS-Bench-201 accuracy of searched cells, by setting')
+    n.add_argument('runs', nargs='+', help='run folders of search.py --space nb201 --nb201-table ...')
+    n.add_argument('--out', default=None, help='also write the table to this Markdown file')
     args = p.parse_args(argv)
     for k in ('images', 'batch_size', 'samples', 'bins'):
         if getattr(args, k, 1) < 1:
@@ -571,8 +625,9 @@ def main(argv=None):
         for path in write_diagrams(genotype, args.out, args.prefix):
             print(f'wrote {path}')
         return
-    if args.command == 'compare':
-        text = compare_markdown([load_analysis(r) for r in args.runs])
+    if args.command in ('compare', 'nb201'):
+        text = (compare_markdown([load_analysis(r) for r in args.runs]) if args.command == 'compare'
+                else nb201_results(args.runs))
         print(text)
         if args.out:
             write_bytes(args.out, text.encode())

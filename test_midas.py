@@ -874,3 +874,20 @@ def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path):
     arch = _arch_state(save)
     fresh_arch = {k: v for k, v in fresh.state_dict().items() if k in arch}
     assert arch.keys() == fresh_arch.keys() and all(torch.equal(arch[k], fresh_arch[k]) for k in arch)
+
+
+def test_nb201_results_table(tmp_path):
+    import analyze
+    runs = []
+    for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0)]):
+        run = tmp_path / f'r{k}'
+        run.mkdir()
+        args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd'}
+        (run / 'args.json').write_text(json.dumps(args))
+        (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
+                                                      {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
+        (run / 'genotype.json').write_text(json.dumps({'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test}}))
+        runs.append(str(run))
+    text = analyze.nb201_results(runs)
+    assert '| midas patch 4 | 0,1 | 90.50 ± 0.50 | 93.50 ± 0.50 | 92.50 → 93.50 |' in text
+    assert '| darts | 2 | 88.00 | 91.00 | 90.00 → 91.00 |' in text
