@@ -534,6 +534,7 @@ def run_genotype(run):
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'mim', 'mean_shift', 'unrolled', 'epochs',
                 'init_channels', 'cells', 'subset', 'dataset')
+SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False}  # runs older than a flag group with 'off'
 
 
 def setting_name(s):
@@ -566,7 +567,7 @@ def nb201_results(runs):
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        key = tuple(settings.get(k) for k in SETTING_KEYS)
+        key = tuple(settings.get(k) or SETTING_OFF.get(k, settings.get(k)) for k in SETTING_KEYS)
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     rows = []
     for g in groups.values():

@@ -173,23 +173,18 @@ class SearchBench:
         torch.manual_seed(seed)
         meta = DATASETS[sargs.dataset]
         fmt = torch.channels_last if channels_last(device) else torch.contiguous_format
-        build = getattr(search, 'build_search', None)
-        if build is not None:  # search.py's own construction: model, optimisers, compile, autocast
-            (self.model, self.forward, self.arch_params, self.weights, self.w_opt, self.arch_opt,
-             self.autocast) = build(sargs, cfg, meta['num_classes'], device)
-        else:
-            self.model = SearchNetwork(sargs.space, sargs.init_channels, meta['num_classes'], sargs.layers,
-                                       sargs.cells, cfg).to(device, memory_format=fmt)
-            if device.type == 'cuda':
-                torch.backends.cudnn.benchmark = True
-            self.arch_params, self.weights = self.model.arch_parameters(), self.model.weight_parameters()
-            self.w_opt = torch.optim.SGD(self.weights, sargs.lr, momentum=sargs.momentum,
-                                         weight_decay=sargs.weight_decay)
-            self.arch_opt = torch.optim.Adam(self.arch_params, sargs.arch_lr, betas=(0.5, 0.999),
-                                             weight_decay=sargs.arch_weight_decay)
-            self.forward = torch.compile(self.model) if sargs.compile else self.model
-            amp = sargs.amp == 'bf16' or (sargs.amp == 'auto' and device.type == 'cuda')
-            self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+        # As search.main builds them: memory format, cudnn.benchmark, optimisers, compile, autocast.
+        self.model = SearchNetwork(sargs.space, sargs.init_channels, meta['num_classes'], sargs.layers,
+                                   sargs.cells, cfg).to(device).to(memory_format=fmt)
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+        self.arch_params, self.weights = self.model.arch_parameters(), self.model.weight_parameters()
+        self.w_opt = torch.optim.SGD(self.weights, sargs.lr, momentum=sargs.momentum, weight_decay=sargs.weight_decay)
+        self.arch_opt = torch.optim.Adam(self.arch_params, sargs.arch_lr, betas=(0.5, 0.999),
+                                         weight_decay=sargs.arch_weight_decay)
+        self.forward = torch.compile(self.model) if sargs.compile else self.model
+        amp = sargs.amp == 'bf16' or (sargs.amp == 'auto' and device.type == 'cuda')
+        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
         self.model.train()
         size, b, k = meta['size'], sargs.batch_size, meta['num_classes']
         g = torch.Generator().manual_seed(seed)

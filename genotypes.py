@@ -330,12 +330,13 @@ def decode_darts(space_name, weights, pairs=None):
     return Genotype(out['normal'], concat, out['reduce'], concat), margins
 
 
-def decode_nb201(weights, ops_per_edge=None):
-    """Per edge the argmax over all candidates, 'none' included. -> (arch string, margins)."""
+def decode_nb201(weights, ops_per_edge=None, include_none=True):
+    """Per edge the argmax over the candidates, 'none' included (METHOD.md §8) unless include_none is
+    False. -> (arch string, margins)."""
     ops_per_edge = ops_per_edge or SPACES['nb201']['normal']
     chosen, margins = [], []
     for ops, w in zip(ops_per_edge, weights):
-        ranked = sorted(zip(w, ops))
+        ranked = sorted((x, op) for x, op in zip(w, ops) if include_none or op != 'none')
         chosen.append(ranked[-1][1])
         margins.append({'op': ranked[-1][1], 'op_margin': ranked[-1][0] - ranked[-2][0]})
     return nb201_str(chosen), margins

@@ -66,26 +66,94 @@ def std_grid(x, mean, gh, gw):
     return (pool_grid(x * x, gh, gw) - mean * mean).clamp_min(1e-8).sqrt()
 
 
+class _PatchMoments(torch.autograd.Function):
+    """Per-patch mean and mean of squares of K candidate maps (pool_grid on a grid that divides the map), stacked
+    as K x B x gh x gw x C. The same values as pool_grid(f) and pool_grid(f * f); the backward needs only the
+    maps themselves, which the mixing keeps anyway, whereas autograd would also keep every f * f alive (a
+    quarter more activation memory in the DARTS space) and run a longer chain of full-size kernels."""
+
+    @staticmethod
+    def forward(ctx, grid, *maps):
+        h, w = maps[0].shape[-2:]
+        ctx.kernel = (h // grid[0], w // grid[1])
+        ctx.save_for_backward(*maps)
+        means = torch.stack([pool_grid(f, *grid).permute(0, 2, 3, 1) for f in maps])
+        squares = torch.stack([pool_grid(f * f, *grid).permute(0, 2, 3, 1) for f in maps])
+        return means, squares
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean, g_square):
+        k = ctx.kernel
+        up = lambda g, f: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f, k, k, (0, 0), False, True, None)
+        # d mean / df = up(g) / p^2; d mean(f^2) / df = 2 f up(g) / p^2
+        return (None, *(torch.addcmul(up(gm, f), f, up(gs, f), value=2.0)
+                        for f, gm, gs in zip(ctx.saved_tensors, g_mean, g_square)))
+
+
+def patch_tokens(maps, gh, gw, token):
+    """Tokens of K candidate maps (B x C x H x W each) -> K x B x gh x gw x C' (C' = 2C for 'meanstd')."""
+    h, w = maps[0].shape[-2:]
+    if token == 'meanstd' and h % gh == 0 and w % gw == 0:
+        mean, square = _PatchMoments.apply((gh, gw), *maps)
+        return torch.cat([mean, (square - mean * mean).clamp_min(1e-8).sqrt()], -1)
+    means = [pool_grid(f, gh, gw) for f in maps]
+    if token == 'meanstd':
+        means = [torch.cat([m, std_grid(f, m, gh, gw)], 1) for f, m in zip(maps, means)]
+    return torch.stack([m.permute(0, 2, 3, 1) for m in means])
+
+
+def upsample(w, h, wd):
+    """Nearest upsampling of patch weights B' x K x gh x gw to B' x K x h x wd (a 1 x 1 grid is left to
+    broadcasting). One expand and one copy when the grid divides the map."""
+    gh, gw = w.shape[-2:]
+    if gh == 1 and gw == 1:
+        return w
+    if h % gh == 0 and wd % gw == 0:
+        b, k = w.shape[:2]
+        return w[:, :, :, None, :, None].expand(b, k, gh, h // gh, gw, wd // gw).reshape(b, k, h, wd)
+    return F.interpolate(w, size=(h, wd), mode='nearest')
+
+
 def mix_add(acc, f, w):
     """acc + up(w) * f for f: B x C x H x W and patch weights w: (B or 1) x gh x gw. The weights are
     upsampled to one B x 1 x H x W map (1/C of f's size) and broadcast over channels: every kernel,
     forward and backward, is a plain dense one (a broadcast over a 6-d view of f was 3x slower on CPU)."""
-    h, wd = f.shape[-2:]
-    gh, gw = w.shape[-2:]
-    if gh == 1 and gw == 1:
-        w = w.reshape(-1, 1, 1, 1)
-    elif h % gh == 0 and wd % gw == 0:
-        w = w.unsqueeze(1).repeat_interleave(h // gh, 2).repeat_interleave(wd // gw, 3)
-    else:
-        w = F.interpolate(w.unsqueeze(1), size=(h, wd), mode='nearest')
+    w = upsample(w.unsqueeze(1), *f.shape[-2:])
     return f * w if acc is None else torch.addcmul(acc, f, w)
+
+
+def mix_node(maps, weights):
+    """sum_k up(weights[:, k]) * maps[k]: what mix_add does candidate by candidate, with the weights of all
+    K candidates of a node (B' x K x gh x gw) upsampled in one go (B' x K x H x W, unbound into K views)."""
+    x = None
+    for f, w in zip(maps, upsample(weights, *maps[0].shape[-2:]).unbind(1)):
+        w = w.unsqueeze(1)
+        x = f * w if x is None else torch.addcmul(x, f, w)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------
 # Search cell
 
+def strip_leading_relu(op):
+    """If op begins with a ReLU (DARTS's sep/dil convs, ReLUConvBN, FactorizedReduce, conv 7x1-1x7), replace that
+    ReLU by an Identity and return True: the op then wants relu(x) as its input. No parameter changes."""
+    if isinstance(op, nn.Sequential) and len(op):
+        if isinstance(op[0], nn.ReLU):
+            op[0] = Identity()
+            return True
+        return strip_leading_relu(op[0]) if isinstance(op[0], nn.Sequential) else False
+    if isinstance(op, FactorizedReduce) and isinstance(op.relu, nn.ReLU):
+        op.relu = Identity()
+        return True
+    return False
+
+
 class MixedOp(nn.Module):
-    """The candidates of one edge. 'none' is never computed: its output is zero and so is its token."""
+    """The candidates of one edge. 'none' is never computed: its output is zero and so is its token.
+    Candidates that begin with a ReLU have it removed and take relu(x), which the cell computes once per
+    state for all the edges leaving it (same values, fewer ops and saved activations)."""
 
     def __init__(self, C, stride, primitives, bn_after_pool):
         super().__init__()
@@ -98,9 +166,14 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))  # as in DARTS's model_search.py
             ops.append(op)
         self._ops = nn.ModuleList(ops)
+        self.wants_relu = [strip_leading_relu(op) for op in self._ops]
+        self.uses_relu = any(self.wants_relu)
 
-    def forward(self, x):
-        return [op(x) for op in self._ops]
+    def forward(self, x, x_relu=None):
+        """x_relu: relu(x) if the caller has it (computed here otherwise)."""
+        if x_relu is None and self.uses_relu:
+            x_relu = F.relu(x)
+        return [op(x_relu if r else x) for op, r in zip(self._ops, self.wants_relu)]
 
 
 class NodeAttention(nn.Module):
@@ -124,12 +197,21 @@ class NodeAttention(nn.Module):
         """pooled_inputs: B x (n_in C) x gh x gw; outs: K candidate maps -> scores K x B x gh x gw."""
         gh, gw = pooled_inputs.shape[-2:]
         z = pooled_inputs.permute(0, 2, 3, 1)                                    # B gh gw nC
-        t = torch.stack([self.tokens(f, gh, gw) for f in outs]).permute(0, 1, 3, 4, 2)  # K B gh gw C'
+        t = patch_tokens(outs, gh, gw, self.cfg.token)                          # K B gh gw C'
         if self.cfg.token_norm:
             z = F.layer_norm(z, z.shape[-1:])
             t = F.layer_norm(t, t.shape[-1:])
-        q, k = self.w_q(z), self.w_k(t)
-        return (k * q).sum(-1) / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
+        # <W_q z, W_k t> = <W_k^T W_q z, t>: the key projection is applied to the query once rather than to
+        # all K candidate tokens (the same scores, a K-times smaller matrix product)
+        q = self.w_q(z) @ self.w_k.weight                                        # B gh gw C'
+        return (t * q).sum(-1) / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
+
+
+def live_index(live):
+    """The candidate indices `live` as a slice when they are a contiguous run (always, in this project's
+    spaces): slicing needs no index tensor, which on CUDA is a host-to-device copy that waits for the GPU."""
+    live = list(live)
+    return slice(live[0], live[-1] + 1) if live == list(range(live[0], live[-1] + 1)) else live
 
 
 def edge_weights(edge_scores, mixed_ops, topology):
@@ -178,22 +260,25 @@ class SearchCell(nn.Module):
         else:
             states = [inputs[0]]
         pooled = {}  # every node of a cell has the same resolution: pool each state once
+        relu = {}    # relu(state), computed once for all the candidates that begin with a ReLU
         e0 = 0
         for n, (node, srcs) in enumerate(self.nodes):
             edges = self._ops[e0:e0 + len(srcs)]
-            outs = [op(states[i]) for op, i in zip(edges, srcs)]
+            for op, i in zip(edges, srcs):
+                if op.uses_relu and i not in relu:
+                    relu[i] = F.relu(states[i])
+            outs = [op(states[i], relu.get(i)) for op, i in zip(edges, srcs)]
             scores = self._scores(n, srcs, states, edges, outs, pooled, alpha, e0)
             w, gamma, pi = edge_weights(scores, edges, self.topology)
             if offset is not None:
                 w = [we + offset[e0 + e, :we.shape[1]].view(1, -1, 1, 1) for e, we in enumerate(w)]
             if recorder is not None:
                 recorder(self, n, w, gamma, pi)
-            x = None
-            for e, (op, edge_outs) in enumerate(zip(edges, outs)):
-                for j, f in zip(op.live, edge_outs):
-                    weight = w[e][:, j] if gamma is None else gamma[e] * w[e][:, j]
-                    x = mix_add(x, f, weight)
-            states.append(x)
+            # weight of candidate j on edge e: w[e][:, j], times gamma[e] with the topology (§4-5)
+            weights = [w[e][:, live_index(op.live)] for e, op in enumerate(edges)]
+            if gamma is not None:
+                weights = [we * gamma[e].unsqueeze(1) for e, we in enumerate(weights)]
+            states.append(mix_node([f for edge_outs in outs for f in edge_outs], torch.cat(weights, 1)))
             e0 += len(srcs)
         if self.kind == 'darts':
             return torch.cat(states[2:], dim=1)

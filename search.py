@@ -10,6 +10,7 @@ genotype.json, weights.json (the averaged weights it was decoded from, with marg
 """
 import argparse
 import csv
+import json
 import math
 import os
 import time
@@ -79,6 +80,10 @@ def get_args(argv=None):
     p.add_argument('--decode-samples', type=int, default=0,
                    help='images of the search-train split used for the final decode (0 = all)')
     p.add_argument('--epoch-decode-samples', type=int, default=2048, help='images for the per-epoch decode')
+    p.add_argument('--decode-none', default='exclude', choices=['exclude', 'include'],
+                   help="NB201 decoding: may 'none' win an edge? (METHOD.md §8 includes it; see README)")
+    p.add_argument('--redecode', default=None, metavar='RUN',
+                   help="decode RUN/weights.json again (with --decode-none, --nb201-table) and rewrite RUN/genotype.json")
     p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
@@ -140,6 +145,12 @@ def nb201_score(table, arch, dataset):
         return None
     prefix = NB201_COLUMNS.get(dataset, 'c10')
     return {'valid': row.get(f'{prefix}_valid'), 'test': row.get(f'{prefix}_test')}
+
+
+def use_channels_last(device):
+    """Channels-last (NHWC) images and supernet: faster with cuDNN, and on CPU too (oneDNN's depthwise and 1x1
+    convolutions; the DARTS-space supernet's iteration takes about a third less time on 2 cores: BENCHMARKS.md)."""
+    return device.type in ('cuda', 'cpu')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,14 +263,41 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
 
 def decode(model, batches, args):
     """-> (genotype or NB201 arch string, record with the averaged weights and the decode margins)."""
-    result = average_weights(model, batches)
+    return decode_weights(average_weights(model, batches), args)
+
+
+def decode_weights(result, args):
+    """The decoding rules of §8 applied to averaged weights (model.average_weights' result)."""
     if get_space(args.space)['kind'] == 'nb201':
-        arch, margins = decode_nb201(result['normal']['weights'])
+        arch, margins = decode_nb201(result['normal']['weights'], include_none=args.decode_none == 'include')
         return arch, {'weights': result, 'margins': {'normal': margins}}
     weights = {t: result[t]['weights'] for t in ('normal', 'reduce')}
     pairs = {t: result[t]['pairs'] for t in ('normal', 'reduce')} if args.topology else None
     genotype, margins = decode_darts(args.space, weights, pairs)
     return genotype, {'weights': result, 'margins': margins}
+
+
+def redecode(args):
+    """Decode a finished run's averaged weights again, e.g. with another --decode-none, without rerunning."""
+    run = args.redecode
+    try:
+        with open(os.path.join(run, 'args.json')) as f:
+            settings = json.load(f)
+        with open(os.path.join(run, 'weights.json')) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunError(f"cannot re-decode '{run}': it needs the args.json and weights.json of a finished search ({e})")
+    settings['decode_none'] = args.decode_none
+    genotype, new = decode_weights(record['weights'], argparse.Namespace(**settings))
+    result = genotype_to_json(genotype, settings['space'])
+    table = load_nb201_table(args.nb201_table) if args.nb201_table else None
+    score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
+    if score:
+        result['nb201'] = score
+    write_json(os.path.join(run, 'weights.json'), new)
+    write_json(os.path.join(run, 'genotype.json'), result)
+    print(f"{run}: {genotype}" + (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''))
+    return genotype
 
 
 def decode_batches(loader, n_images, method):
@@ -281,6 +319,8 @@ def min_margin(margins):
 
 def main(argv=None):
     args = get_args(argv)
+    if args.redecode:
+        return redecode(args)
     cfg = check_args(args)
     rank, world, device = setup_distributed(args.device)
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
@@ -310,7 +350,7 @@ def main(argv=None):
                        f'{args.batch_size}')
     use_cuda = device.type == 'cuda'
     loader_kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
-                     channels_last=use_cuda)
+                     channels_last=use_channels_last(device))
     # Each rank takes its slice of every global batch, so --batch-size is the global batch.
     train_q = GPULoader(x[train_idx], y[train_idx], args.batch_size, seed=args.seed, **loader_kw)
     val_q = GPULoader(x[val_idx], y[val_idx], args.batch_size, seed=args.seed + 1, **loader_kw)
@@ -322,8 +362,9 @@ def main(argv=None):
     del x, y
 
     model = SearchNetwork(args.space, args.init_channels, meta['num_classes'], args.layers, args.cells, cfg).to(device)
-    if use_cuda:
+    if use_channels_last(device):
         model = model.to(memory_format=torch.channels_last)
+    if use_cuda:
         torch.backends.cudnn.benchmark = True
     mim_decoder = MIMDecoder(model.feature_channels, model.feature_stride).to(device) if args.mim else None
     mim = (mim_decoder, args.mim, args.mim_ratio, args.mim_patch) if args.mim else None

@@ -197,6 +197,20 @@ def test_nb201_argmax_includes_none():
     arch, margins = G.decode_nb201(w)
     assert arch == '|none~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|skip_connect~2|'
     assert margins[0]['op_margin'] == pytest.approx(0.1)
+    arch, _ = G.decode_nb201(w, include_none=False)  # search.py's default, --decode-none exclude
+    assert arch.startswith('|skip_connect~0|+') or arch.startswith('|nor_conv_1x1~0|+')
+
+
+def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
+    save = str(tmp_path / 'run')
+    search.main(['--data', cifar, '--save', save, '--space', 'nb201', '--decode-none', 'include', *TINY])
+    with open(os.path.join(save, 'weights.json')) as f:
+        w = json.load(f)['weights']['normal']['weights']
+    for rule in ('exclude', 'include'):
+        arch = search.main(['--redecode', save, '--decode-none', rule])
+        assert arch == G.decode_nb201(w, include_none=rule == 'include')[0]
+        with open(os.path.join(save, 'genotype.json')) as f:
+            assert json.load(f)['arch'] == arch
 
 
 @pytest.mark.parametrize('space', ['darts', 's1', 's2', 's3', 's4'])
