@@ -333,8 +333,6 @@ def main(argv=None):
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")
-    if rank == 0:
-        os.makedirs(args.save, exist_ok=True)
     log = Logger(args.save, rank)
     seed_everything(args.seed)
     table = load_nb201_table(args.nb201_table) if args.nb201_table else None
@@ -360,6 +358,8 @@ def main(argv=None):
         train_q.shard(rank, world)
         val_q.shard(rank, world)
     del x, y
+    if rank == 0:  # only now: bad flags or data leave no run folder behind
+        os.makedirs(args.save, exist_ok=True)
 
     model = SearchNetwork(args.space, args.init_channels, meta['num_classes'], args.layers, args.cells, cfg).to(device)
     if use_channels_last(device):

@@ -364,12 +364,13 @@ def _one_line_error(r, *words):
 ])
 def test_bad_flags(cifar, tmp_path, flags, words):
     _one_line_error(run_script('search.py', '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags), *words)
-    assert not os.path.exists(tmp_path / 'r' / 'checkpoint.pt')
+    assert not os.path.exists(tmp_path / 'r')
 
 
 def test_missing_and_corrupt_data(cifar, tmp_path):
     r = run_script('search.py', '--data', str(tmp_path / 'nowhere'), '--save', str(tmp_path / 'r'), *TINY)
     _one_line_error(r, 'cifar-10-batches-py')
+    assert not os.path.exists(tmp_path / 'r')
     broken = tmp_path / 'broken'
     data.write_cifar_like(str(broken), 'cifar10', 100, 20)
     batch = broken / 'cifar-10-batches-py' / 'data_batch_1'
