@@ -66,29 +66,74 @@ def std_grid(x, mean, gh, gw):
     return (pool_grid(x * x, gh, gw) - mean * mean).clamp_min(1e-8).sqrt()
 
 
+# Channels-last fast paths. A B x C x H x W map in channels-last memory is NHWC, which views without a copy as
+# B x gh x ph x gw x pw x C: a patch's pw pixels along W and their C channels form one contiguous run. Per-patch
+# weights and per-patch statistics then broadcast over that whole run, where on the 4-d map they broadcast over
+# C alone (8 floats at the first stage of an 8-channel supernet: too short for a 16-float vector register).
+_NARROW = 16  # channels below which the token statistics use the longer pw * C runs (measured: BENCHMARKS.md)
+
+
+def _patches(f, gh, gw):
+    """The channels-last map f viewed B x gh x ph x gw x pw x C (no copy); None for any other layout."""
+    if not f.is_contiguous(memory_format=torch.channels_last):
+        return None
+    b, c, h, w = f.shape
+    return f.permute(0, 2, 3, 1).view(b, gh, h // gh, gw, w // gw, c)
+
+
+def _unpatch(x6):
+    """Inverse of _patches for a contiguous B x gh x ph x gw x pw x C tensor: a channels-last B x C x H x W map."""
+    b, gh, ph, gw, pw, c = x6.shape
+    return x6.view(b, gh * ph, gw * pw, c).permute(0, 3, 1, 2)
+
+
+def _pw_runs(t, pw):
+    """Per-patch statistics B x gh x gw x C -> B x gh x 1 x gw x (pw C), each value repeated over its patch's pw
+    pixels, to broadcast against a map's B x gh x ph x gw x (pw C) view."""
+    b, gh, gw, c = t.shape
+    return t[:, :, :, None, :].expand(b, gh, gw, pw, c).reshape(b, gh, 1, gw, pw * c)
+
+
 class _PatchMoments(torch.autograd.Function):
-    """Per-patch mean and mean of squares of K candidate maps (pool_grid on a grid that divides the map), stacked
-    as K x B x gh x gw x C. The same values as pool_grid(f) and pool_grid(f * f); the backward needs only the
-    maps themselves, which the mixing keeps anyway, whereas autograd would also keep every f * f alive (a
-    quarter more activation memory in the DARTS space) and run a longer chain of full-size kernels."""
+    """Per-patch mean and mean of squares of K candidate maps, on a grid that divides the maps, stacked as
+    K x B x gh x gw x C: the values of pool_grid(f) and pool_grid(f * f). The backward needs only the maps, which
+    the mixing keeps anyway, whereas autograd would also keep every f * f alive (a quarter more activation
+    memory in the DARTS space) and run a longer chain of full-size kernels."""
 
     @staticmethod
     def forward(ctx, grid, *maps):
+        gh, gw = grid
         h, w = maps[0].shape[-2:]
-        ctx.kernel = (h // grid[0], w // grid[1])
+        ctx.kernel = (h // gh, w // gw)
         ctx.save_for_backward(*maps)
-        means = torch.stack([pool_grid(f, *grid).permute(0, 2, 3, 1) for f in maps])
-        squares = torch.stack([pool_grid(f * f, *grid).permute(0, 2, 3, 1) for f in maps])
+        views = [_patches(f, gh, gw) for f in maps]
+        if maps[0].shape[1] < _NARROW and all(v is not None for v in views):
+            n = ctx.kernel[0] * ctx.kernel[1]   # sum over ph (an outer dim), then over pw
+            means = torch.stack([v.sum(2).sum(3) for v in views]).div_(n)
+            squares = torch.stack([(v * v).sum(2).sum(3) for v in views]).div_(n)
+        else:
+            means = torch.stack([pool_grid(f, gh, gw).permute(0, 2, 3, 1) for f in maps])
+            squares = torch.stack([pool_grid(f * f, gh, gw).permute(0, 2, 3, 1) for f in maps])
         return means, squares
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_mean, g_square):
-        k = ctx.kernel
-        up = lambda g, f: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f, k, k, (0, 0), False, True, None)
-        # d mean / df = up(g) / p^2; d mean(f^2) / df = 2 f up(g) / p^2
-        return (None, *(torch.addcmul(up(gm, f), f, up(gs, f), value=2.0)
-                        for f, gm, gs in zip(ctx.saved_tensors, g_mean, g_square)))
+        # d mean / df = up(g) / n; d mean(f^2) / df = 2 f up(g) / n, n = pixels per patch
+        (ph, pw), grads = ctx.kernel, []
+        a, b = g_mean / (ph * pw), g_square * (2.0 / (ph * pw))      # K x B x gh x gw x C
+        for f, ak, bk in zip(ctx.saved_tensors, a, b):
+            v = _patches(f, ak.shape[1], ak.shape[2])
+            if v is None:
+                up = lambda g: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f, ctx.kernel, ctx.kernel,
+                                                                  (0, 0), False, True, None) * (ph * pw)
+                grads.append(torch.addcmul(up(ak), f, up(bk)))
+            elif f.shape[1] < _NARROW:  # a + f b over (pw C) runs
+                g = torch.addcmul(_pw_runs(ak, pw), v.flatten(4), _pw_runs(bk, pw))
+                grads.append(_unpatch(g.view(v.shape)))
+            else:                       # a + f b broadcast over the patch pixels
+                grads.append(_unpatch(torch.addcmul(ak[:, :, None, :, None], v, bk[:, :, None, :, None])))
+        return (None, *grads)
 
 
 def patch_tokens(maps, gh, gw, token):
@@ -123,13 +168,60 @@ def mix_add(acc, f, w):
     return f * w if acc is None else torch.addcmul(acc, f, w)
 
 
+class _MixPatches(torch.autograd.Function):
+    """mix_node for channels-last maps on a grid that divides them: each patch weight multiplies its patch's
+    (pw C) runs of the NHWC memory, so no upsampled weight map is made or kept, and the backward's weight
+    gradient is a sum over those runs instead of a sum over the channels of every pixel."""
+
+    @staticmethod
+    def forward(ctx, weights, *maps):
+        gh, gw = weights.shape[-2:]
+        w6 = weights[:, :, :, None, :, None, None]                   # B' x K x gh x 1 x gw x 1 x 1
+        out = torch.empty(maps[0].shape, dtype=torch.result_type(maps[0], weights), device=maps[0].device,
+                          memory_format=torch.channels_last)
+        acc = _patches(out, gh, gw)
+        torch.mul(_patches(maps[0], gh, gw), w6[:, 0], out=acc)      # the same products, in the same order,
+        for k in range(1, len(maps)):                                # as f * w then addcmul
+            acc.addcmul_(_patches(maps[k], gh, gw), w6[:, k])
+        ctx.save_for_backward(weights, *maps)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weights, *maps = ctx.saved_tensors
+        gh, gw = weights.shape[-2:]
+        g = _patches(grad.contiguous(memory_format=torch.channels_last), gh, gw)
+        w6 = weights[:, :, :, None, :, None, None]
+        grad_maps, grad_w = [], []
+        for k, f in enumerate(maps):
+            if ctx.needs_input_grad[k + 1]:
+                gf = torch.empty(f.shape, dtype=f.dtype, device=f.device, memory_format=torch.channels_last)
+                torch.mul(g, w6[:, k], out=_patches(gf, gh, gw))
+                grad_maps.append(gf)
+            else:
+                grad_maps.append(None)
+            if ctx.needs_input_grad[0]:
+                grad_w.append((g * _patches(f, gh, gw)).flatten(4).sum(4).sum(2))   # B x gh x gw
+        if grad_w:
+            grad_w = torch.stack(grad_w, 1)
+            if weights.shape[0] == 1 and grad_w.shape[0] != 1:             # a static table: summed over the batch
+                grad_w = grad_w.sum(0, keepdim=True)
+            grad_w = grad_w.to(weights.dtype)
+        return (grad_w if ctx.needs_input_grad[0] else None, *grad_maps)
+
+
 def mix_node(maps, weights):
-    """sum_k up(weights[:, k]) * maps[k]: what mix_add does candidate by candidate, with the weights of all
-    K candidates of a node (B' x K x gh x gw) upsampled in one go (B' x K x H x W, unbound into K views)."""
-    x = None
-    for f, w in zip(maps, upsample(weights, *maps[0].shape[-2:]).unbind(1)):
-        w = w.unsqueeze(1)
-        x = f * w if x is None else torch.addcmul(x, f, w)
+    """sum_k up(weights[:, k]) * maps[k]: what mix_add does candidate by candidate, for all K candidates of a
+    node (weights B' x K x gh x gw, B' = 1 for a static table) at once."""
+    h, w = maps[0].shape[-2:]
+    gh, gw = weights.shape[-2:]
+    if h % gh == 0 and w % gw == 0 and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps):
+        return _MixPatches.apply(weights, *maps)
+    x = None   # any other layout: the weights upsampled in one go (B' x K x H x W, unbound into K views)
+    for f, wk in zip(maps, upsample(weights, h, w).unbind(1)):
+        wk = wk.unsqueeze(1)
+        x = f * wk if x is None else torch.addcmul(x, f, wk)
     return x
 
 
@@ -214,6 +306,24 @@ def live_index(live):
     return slice(live[0], live[-1] + 1) if live == list(range(live[0], live[-1] + 1)) else live
 
 
+_PAIR_TABLES = {}
+
+
+def _pair_tables(n_edges, device, dtype):
+    """For node_pairs(n_edges): the index of each pair's first and second edge, and the E x P membership
+    matrix, made once per device and dtype (rebuilding them every node costs dozens of tiny kernels, and on
+    CUDA host-to-device copies that wait for the GPU)."""
+    key = (n_edges, str(device), dtype)
+    if key not in _PAIR_TABLES:
+        pairs = node_pairs(n_edges)
+        membership = torch.zeros(n_edges, len(pairs), dtype=dtype)
+        for p, (i, j) in enumerate(pairs):
+            membership[i, p] = membership[j, p] = 1.0
+        _PAIR_TABLES[key] = (torch.tensor([i for i, _ in pairs], device=device),
+                             torch.tensor([j for _, j in pairs], device=device), membership.to(device))
+    return _PAIR_TABLES[key]
+
+
 def edge_weights(edge_scores, mixed_ops, topology):
     """Softmax over each edge's candidates, then (topology) the pair softmax of §5.
     edge_scores: per edge, B' x J_e x gh x gw (B' = 1 for a static table).
@@ -221,13 +331,9 @@ def edge_weights(edge_scores, mixed_ops, topology):
     w = [s.softmax(1) for s in edge_scores]
     if not topology or len(edge_scores) < 2:
         return w, None, None
-    logits = torch.stack([s[:, op.live].logsumexp(1) for s, op in zip(edge_scores, mixed_ops)])  # E B gh gw
-    pairs = node_pairs(len(edge_scores))
-    a, b = zip(*pairs)
-    pi = (logits[list(a)] + logits[list(b)]).softmax(0)                                        # P B gh gw
-    membership = torch.zeros(len(edge_scores), len(pairs), device=pi.device, dtype=pi.dtype)
-    for p, (i, j) in enumerate(pairs):
-        membership[i, p] = membership[j, p] = 1.0
+    logits = torch.stack([s[:, live_index(op.live)].logsumexp(1) for s, op in zip(edge_scores, mixed_ops)])
+    first, second, membership = _pair_tables(len(edge_scores), logits.device, logits.dtype)      # E B gh gw
+    pi = (logits.index_select(0, first) + logits.index_select(0, second)).softmax(0)           # P B gh gw
     gamma = torch.einsum('ep,pbxy->ebxy', membership, pi)
     return w, gamma, pi
 
@@ -297,8 +403,12 @@ class SearchCell(nn.Module):
         live = self.attention[n](torch.cat([pooled[i] for i in srcs], 1), flat)   # K B gh gw
         scores, k = [], 0
         for op in edges:
-            s = live.new_zeros(live.shape[1], len(op.primitives), gh, gw)
-            s[:, op.live] = live[k:k + len(op.live)].transpose(0, 1)
+            part = live[k:k + len(op.live)].transpose(0, 1)
+            if len(op.live) == len(op.primitives):  # no 'none' on this edge
+                s = part
+            else:
+                s = live.new_zeros(live.shape[1], len(op.primitives), gh, gw)
+                s[:, live_index(op.live)] = part
             scores.append(s)
             k += len(op.live)
         return scores
