@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import data
 import genotypes as G
 import search
-from model import ArchConfig, SearchNetwork, edge_weights, grid_size, mix_add, pool_grid
+from model import ArchConfig, SearchNetwork, edge_weights, grid_size, mix_add, mix_node, patch_tokens, pool_grid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--epochs', '1', '--batch-size', '8', '--init-channels', '4', '--layers', '3', '--cells', '1',
@@ -149,6 +149,43 @@ def test_mix_equals_explicit_upsampling():
     torch.testing.assert_close(mix_add(f, f, w), f + f * up)
     f7, w3 = torch.randn(1, 2, 7, 7), torch.rand(1, 3, 3)
     torch.testing.assert_close(mix_add(None, f7, w3), f7 * F.interpolate(w3.unsqueeze(1), size=(7, 7)))
+
+
+
+@pytest.mark.parametrize('channels', [4, 32])   # below and above model._NARROW: both fast paths
+@pytest.mark.parametrize('batch_weights', [3, 1])  # per input (MIDAS) and one static table (DARTS)
+def test_channels_last_fast_paths_match_plain_autograd(channels, batch_weights):
+    """patch_tokens and mix_node run hand-written kernels and backward passes on channels-last maps; their
+    values and every gradient must equal plain pooling, upsampling and autograd on ordinary maps."""
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(3, channels, 8, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    weights = torch.rand(batch_weights, 3, 2, 2, generator=g, dtype=torch.float64)
+
+    def run(mode):
+        fs = [(f.contiguous(memory_format=torch.channels_last) if mode == 'channels_last' else f.clone())
+              .requires_grad_() for f in maps]
+        w = weights.clone().requires_grad_()
+        if mode != 'plain':
+            tokens, mixed = patch_tokens(fs, 2, 2, 'meanstd'), mix_node(fs, w)
+        else:  # the definitions, written out
+            mean = torch.stack([pool_grid(f, 2, 2) for f in fs])
+            std = (torch.stack([pool_grid(f * f, 2, 2) for f in fs]) - mean ** 2).clamp_min(1e-8).sqrt()
+            tokens = torch.cat([mean, std], 2).permute(0, 1, 3, 4, 2)
+            mixed = sum(f * F.interpolate(w[:, k:k + 1], size=(8, 8), mode='nearest') for k, f in enumerate(fs))
+        loss = (tokens * torch.linspace(-1, 1, tokens.numel(), dtype=tokens.dtype).view(tokens.shape)).sum() \
+            + (mixed * torch.linspace(-1, 1, mixed.numel(), dtype=mixed.dtype).view(mixed.shape)).sum()
+        loss.backward()
+        return tokens, mixed, [f.grad for f in fs], w.grad
+
+    plain = run('plain')
+    for mode in ('channels_last', 'contiguous'):
+        fast = run(mode)
+        torch.testing.assert_close(fast[0], plain[0])
+        torch.testing.assert_close(fast[1], plain[1])
+        for a, b in zip(fast[2], plain[2]):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(fast[3], plain[3])
+    assert run('channels_last')[1].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_architecture_parameters_are_separate():
@@ -906,3 +943,27 @@ def test_nb201_results_table(tmp_path):
     text = analyze.nb201_results(runs)
     assert '| midas patch 4 | 0,1 | 90.50 ± 0.50 | 93.50 ± 0.50 | 92.50 → 93.50 |' in text
     assert '| darts | 2 | 88.00 | 91.00 | 90.00 → 91.00 |' in text
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+
+def test_bench_reports_every_figure_as_one_json_line():
+    r = run_script('bench.py', '--space', 'nb201', '--init-channels', '4', '--cells', '1', '--batch-size', '4',
+                   '--iters', '2', '--warmup', '1', '--mem-iters', '1', '--train-channels', '4',
+                   '--train-layers', '2', '--train-batch-size', '4', '--data-images', '64', '--data-epochs', '1',
+                   '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    res = json.loads(lines[-1])
+    for key in ('search_iter_s_midas', 'search_iter_s_darts', 'search_ratio_midas_darts', 'peak_mem_mb_midas',
+                'peak_mem_mb_darts', 'peak_mem_ratio', 'train_step_s', 'data_images_per_s'):
+        assert res[key] > 0 and math.isfinite(res[key]), key
+    assert res['search_ratio_midas_darts'] == pytest.approx(res['search_iter_s_midas'] / res['search_iter_s_darts'])
+    assert res['device'].startswith('cpu') and res['space'] == 'nb201'
+    assert any('midas / darts' in line for line in lines[:-1])  # the table comes before the JSON
+
+
+def test_bench_bad_flags_are_one_line():
+    r = run_script('bench.py', '--skip', 'everything')
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and '--skip' in r.stderr
