@@ -61,6 +61,7 @@ def get_args(argv=None):
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA)')
     p.add_argument('--compile', action='store_true', help='torch.compile the networks')
+    p.add_argument('--contiguous', action='store_true', help='NCHW maps instead of channels-last (to measure it)')
     p.add_argument('--train-channels', type=int, help='retraining network channels (default --init-channels)')
     p.add_argument('--train-layers', type=int, help='retraining network cells (default --layers)')
     p.add_argument('--train-batch-size', type=int, help='retraining batch (default --batch-size)')
@@ -154,10 +155,10 @@ def search_args(args, method, device):
     return sargs, search.check_args(sargs)
 
 
-def channels_last(device):
+def channels_last(device, args=None):
+    """search.py's choice of memory format, unless --contiguous asks for NCHW."""
     import search
-    fn = getattr(search, 'use_channels_last', None)
-    return fn(device) if fn is not None else device.type == 'cuda'
+    return search.use_channels_last(device) and not (args is not None and args.contiguous)
 
 
 class SearchBench:
@@ -172,7 +173,7 @@ class SearchBench:
         self.sargs = sargs
         torch.manual_seed(seed)
         meta = DATASETS[sargs.dataset]
-        fmt = torch.channels_last if channels_last(device) else torch.contiguous_format
+        fmt = torch.channels_last if channels_last(device, args) else torch.contiguous_format
         # As search.main builds them: memory format, cudnn.benchmark, optimisers, compile, autocast.
         self.model = SearchNetwork(sargs.space, sargs.init_channels, meta['num_classes'], sargs.layers,
                                    sargs.cells, cfg).to(device).to(memory_format=fmt)
@@ -292,7 +293,7 @@ def bench_data(args, device):
     x = torch.randint(0, 256, (args.data_images, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (args.data_images,), generator=g)
     loader = GPULoader(x, y, args.data_batch_size, meta['mean'], meta['std'], device=device,
-                       crop_pad=meta['crop_pad'], cutout=16, seed=args.seed, channels_last=channels_last(device))
+                       crop_pad=meta['crop_pad'], cutout=16, seed=args.seed, channels_last=channels_last(device, args))
     del x
     clock = Clock(device)
     clock(loader.next_batch)  # warm-up (also draws the first permutation)
@@ -333,7 +334,7 @@ def main(argv=None):
            'date': datetime.date.today().isoformat(), 'commit': git_commit(), 'preset': args.preset,
            'space': args.space, 'init_channels': args.init_channels, 'layers': args.layers, 'cells': args.cells,
            'batch_size': args.batch_size, 'patch': args.patch, 'token': args.token, 'unrolled': args.unrolled,
-           'amp': args.amp, 'compile': args.compile, 'channels_last': channels_last(device),
+           'amp': args.amp, 'compile': args.compile, 'channels_last': channels_last(device, args),
            'iters': args.iters, 'warmup': args.warmup}
     rows = []
     if 'search' not in args.skip:

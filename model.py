@@ -70,7 +70,7 @@ def std_grid(x, mean, gh, gw):
 # B x gh x ph x gw x pw x C: a patch's pw pixels along W and their C channels form one contiguous run. Per-patch
 # weights and per-patch statistics then broadcast over that whole run, where on the 4-d map they broadcast over
 # C alone (8 floats at the first stage of an 8-channel supernet: too short for a 16-float vector register).
-_NARROW = 16  # channels below which the token statistics use the longer pw * C runs (measured: BENCHMARKS.md)
+_NARROW = 16  # channels below which the token statistics use the longer pw * C runs (one AVX2 register = 8 floats)
 
 
 def _patches(f, gh, gw):

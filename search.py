@@ -437,6 +437,9 @@ def main(argv=None):
                     f'{meter(it_log, it_log * len(y_tr) * world)}')
                 it_log = 0
         scheduler.step()
+        # Each rank's BN statistics saw its own batches: average them, so that every rank holds the same
+        # supernet and decodes the same genotype from it.
+        all_reduce_mean([b for b in model.buffers() if b.is_floating_point()], world)
 
         genotype, record = decode(model, decode_batches(decode_q, args.epoch_decode_samples, args.method), args)
         entry = {'epoch': epoch + 1, 'train_acc': 100 * t[1] / seen, 'val_acc': 100 * t[3] / seen,
@@ -466,6 +469,9 @@ def main(argv=None):
             result['nb201'] = score
         write_json(os.path.join(args.save, 'genotype.json'), result)
         write_diagrams(genotype, args.save)
+    if os.environ.get('MIDAS_RANK_STATES'):  # every rank's final supernet, for the tests to compare across ranks
+        save_checkpoint(os.path.join(args.save, f'rank{rank}-state.pt'),
+                        {'model': model.state_dict(), 'genotype': genotype_to_json(genotype, args.space)})
     log(f'final genotype {genotype} (smallest decode margin {min_margin(record["margins"]):.4f})')
     if score:
         log(f"final NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}")

@@ -360,6 +360,26 @@ def test_same_seed_same_result(cifar, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path):
+    """Under torchrun the architecture and weight gradients and the BN statistics are averaged over the
+    ranks: both end with the same supernet and decode the same genotype."""
+    save = str(tmp_path / 'ddp')
+    r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'search.py',
+                   '--data', cifar, '--save', save, '--space', 'nb201', '--epochs', '2', *TINY[2:],
+                   env={'MIDAS_RANK_STATES': '1'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt')) for k in (0, 1))
+    assert a['genotype'] == b['genotype'] and a['model'].keys() == b['model'].keys()
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert any('running_mean' in k for k in a['model'])  # the BN statistics are compared too
+    init = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(method='midas', patch=4, topology=False)).state_dict()
+    moved = [k for k in init if 'attention' in k and not torch.equal(init[k], a['model'][k])]
+    assert moved, 'the architecture did not train'
+    with open(os.path.join(save, 'genotype.json')) as f:
+        assert len(G.nb201_parse(json.load(f)["arch"])) == 6
+    assert 'world 2' in open(os.path.join(save, 'log.txt')).read()
+
 def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path):
     args = ['search.py', '--data', cifar, '--space', 'nb201', '--epochs', '3', '--batch-size', '8',
             '--init-channels', '4', '--cells', '1', '--subset', '160', '--epoch-decode-samples', '16',
