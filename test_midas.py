@@ -925,8 +925,9 @@ def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
 
 
 @pytest.mark.parametrize('space, method, flags', [
+    *[(space, method, ['--mim', '1.0', '--mean-shift', '--arch-warmup', '0'])
+      for space in G.SPACES for method in ('darts', 'midas')],   # both flags, every space, both methods
     ('s3', 'darts', ['--mean-shift', '--arch-warmup', '0']),
-    ('nb201', 'midas', ['--mim', '1.0', '--mean-shift', '--arch-warmup', '0']),
     ('darts', 'midas', ['--mim', '0.5', '--mim-ratio', '0.75', '--mim-patch', '8']),
 ])
 def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, space, method, flags):
