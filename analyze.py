@@ -569,7 +569,7 @@ def nb201_results(runs):
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        key = tuple(settings.get(k) or SETTING_OFF.get(k, settings.get(k)) for k in SETTING_KEYS)
+        key = tuple(settings.get(k, SETTING_OFF.get(k)) for k in SETTING_KEYS)
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     rows = []
     for g in groups.values():

@@ -155,10 +155,10 @@ def search_args(args, method, device):
     return sargs, search.check_args(sargs)
 
 
-def channels_last(device, args=None):
+def channels_last(device, args):
     """search.py's choice of memory format, unless --contiguous asks for NCHW."""
     import search
-    return search.use_channels_last(device) and not (args is not None and args.contiguous)
+    return search.use_channels_last(device) and not args.contiguous
 
 
 class SearchBench:
@@ -167,25 +167,14 @@ class SearchBench:
     def __init__(self, args, method, device, seed):
         import search
         from data import DATASETS
-        from model import SearchNetwork
         self.search, self.args = search, args
         sargs, cfg = search_args(args, method, device)
         self.sargs = sargs
         torch.manual_seed(seed)
         meta = DATASETS[sargs.dataset]
         fmt = torch.channels_last if channels_last(device, args) else torch.contiguous_format
-        # As search.main builds them: memory format, cudnn.benchmark, optimisers, compile, autocast.
-        self.model = SearchNetwork(sargs.space, sargs.init_channels, meta['num_classes'], sargs.layers,
-                                   sargs.cells, cfg).to(device).to(memory_format=fmt)
-        if device.type == 'cuda':
-            torch.backends.cudnn.benchmark = True
-        self.arch_params, self.weights = self.model.arch_parameters(), self.model.weight_parameters()
-        self.w_opt = torch.optim.SGD(self.weights, sargs.lr, momentum=sargs.momentum, weight_decay=sargs.weight_decay)
-        self.arch_opt = torch.optim.Adam(self.arch_params, sargs.arch_lr, betas=(0.5, 0.999),
-                                         weight_decay=sargs.arch_weight_decay)
-        self.forward = torch.compile(self.model) if sargs.compile else self.model
-        amp = sargs.amp == 'bf16' or (sargs.amp == 'auto' and device.type == 'cuda')
-        self.autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+        (self.model, _, self.arch_params, self.weights, self.w_opt, self.arch_opt, self.forward,
+         self.autocast) = search.build_search(sargs, cfg, meta['num_classes'], device, fmt == torch.channels_last)
         self.model.train()
         size, b, k = meta['size'], sargs.batch_size, meta['num_classes']
         g = torch.Generator().manual_seed(seed)

@@ -223,10 +223,9 @@ def mix_node(maps, weights):
     gh, gw = weights.shape[-2:]
     if h % gh == 0 and w % gw == 0 and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps):
         return _MixPatches.apply(weights, *maps)
-    x = None   # any other layout: the weights upsampled in one go (B' x K x H x W, unbound into K views)
-    for f, wk in zip(maps, upsample(weights, h, w).unbind(1)):
-        wk = wk.unsqueeze(1)
-        x = f * wk if x is None else torch.addcmul(x, f, wk)
+    x = None   # any other layout: candidate by candidate
+    for f, wk in zip(maps, weights.unbind(1)):
+        x = mix_add(x, f, wk)
     return x
 
 
@@ -247,6 +246,13 @@ def strip_leading_relu(op):
     return False
 
 
+def live_index(live):
+    """The candidate indices `live` as a slice when they are a contiguous run (always, in this project's
+    spaces): slicing needs no index tensor, which on CUDA is a host-to-device copy that waits for the GPU."""
+    live = list(live)
+    return slice(live[0], live[-1] + 1) if live == list(range(live[0], live[-1] + 1)) else live
+
+
 class MixedOp(nn.Module):
     """The candidates of one edge. 'none' is never computed: its output is zero and so is its token.
     Candidates that begin with a ReLU have it removed and take relu(x), which the cell computes once per
@@ -256,6 +262,7 @@ class MixedOp(nn.Module):
         super().__init__()
         self.primitives = list(primitives)
         self.live = [j for j, p in enumerate(self.primitives) if p != 'none']
+        self.live_index = live_index(self.live)  # to select the live candidates' columns of a weight table
         ops = []
         for j in self.live:
             op = OPS[self.primitives[j]](C, stride, False)
@@ -284,12 +291,6 @@ class NodeAttention(nn.Module):
         self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
         self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
 
-    def tokens(self, f, gh, gw):
-        mean = pool_grid(f, gh, gw)
-        if self.cfg.token == 'meanstd':
-            return torch.cat([mean, std_grid(f, mean, gh, gw)], 1)
-        return mean
-
     def forward(self, pooled_inputs, outs):
         """pooled_inputs: B x (n_in C) x gh x gw; outs: K candidate maps -> scores K x B x gh x gw."""
         gh, gw = pooled_inputs.shape[-2:]
@@ -302,13 +303,6 @@ class NodeAttention(nn.Module):
         # all K candidate tokens (the same scores, a K-times smaller matrix product)
         q = self.w_q(z) @ self.w_k.weight                                        # B gh gw C'
         return (t * q).sum(-1) / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
-
-
-def live_index(live):
-    """The candidate indices `live` as a slice when they are a contiguous run (always, in this project's
-    spaces): slicing needs no index tensor, which on CUDA is a host-to-device copy that waits for the GPU."""
-    live = list(live)
-    return slice(live[0], live[-1] + 1) if live == list(range(live[0], live[-1] + 1)) else live
 
 
 _PAIR_TABLES = {}
@@ -386,7 +380,7 @@ class SearchCell(nn.Module):
             if recorder is not None:
                 recorder(self, n, w, gamma, pi)
             # weight of candidate j on edge e: w[e][:, j], times gamma[e] with the topology (§4-5)
-            weights = [w[e][:, live_index(op.live)] for e, op in enumerate(edges)]
+            weights = [w[e][:, op.live_index] for e, op in enumerate(edges)]
             if gamma is not None:
                 weights = [we * gamma[e].unsqueeze(1) for e, we in enumerate(weights)]
             states.append(mix_node([f for edge_outs in outs for f in edge_outs], torch.cat(weights, 1)))
@@ -412,7 +406,7 @@ class SearchCell(nn.Module):
                 s = part
             else:
                 s = live.new_zeros(live.shape[1], len(op.primitives), gh, gw)
-                s[:, live_index(op.live)] = part
+                s[:, op.live_index] = part
             scores.append(s)
         return scores
 

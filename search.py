@@ -149,8 +149,30 @@ def nb201_score(table, arch, dataset):
 
 def use_channels_last(device):
     """Channels-last (NHWC) images and supernet: faster with cuDNN, and on CPU too (oneDNN's depthwise and 1x1
-    convolutions; the DARTS-space supernet's iteration takes about a third less time on 2 cores: BENCHMARKS.md)."""
+    convolutions; the DARTS-space supernet's iteration is 1.9x faster on 2 cores: BENCHMARKS.md)."""
     return device.type in ('cuda', 'cpu')
+
+
+def build_search(args, cfg, num_classes, device, channels_last=None):
+    """The supernet (and the MIM decoder with --mim), its optimisers, the forward to call (compiled with
+    --compile) and the autocast context, as a search step needs them (bench.py times the same).
+    -> (model, mim_decoder or None, arch_params, weights, w_opt, arch_opt, forward, autocast)"""
+    channels_last = use_channels_last(device) if channels_last is None else channels_last
+    model = SearchNetwork(args.space, args.init_channels, num_classes, args.layers, args.cells, cfg).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    mim_decoder = MIMDecoder(model.feature_channels, model.feature_stride).to(device) if args.mim else None
+    arch_params, weights = model.arch_parameters(), model.weight_parameters()
+    if mim_decoder is not None:
+        weights += list(mim_decoder.parameters())
+    w_opt = torch.optim.SGD(weights, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    arch_opt = torch.optim.Adam(arch_params, args.arch_lr, betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
+    forward = torch.compile(model) if args.compile else model
+    amp = args.amp == 'bf16' or (args.amp == 'auto' and device.type == 'cuda')
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    return model, mim_decoder, arch_params, weights, w_opt, arch_opt, forward, autocast
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +299,17 @@ def decode_weights(result, args):
     return genotype, {'weights': result, 'margins': margins}
 
 
+def write_result(save, genotype, record, space, score):
+    """A finished search's outputs: weights.json (what it was decoded from), genotype.json (with the NB201
+    score when there is one) and the cell diagrams."""
+    write_json(os.path.join(save, 'weights.json'), record)
+    result = genotype_to_json(genotype, space)
+    if score:
+        result['nb201'] = score
+    write_json(os.path.join(save, 'genotype.json'), result)
+    write_diagrams(genotype, save)
+
+
 def redecode(args):
     """Decode a finished run's averaged weights again, e.g. with another --decode-none, without rerunning."""
     run = args.redecode
@@ -289,13 +322,9 @@ def redecode(args):
         raise RunError(f"cannot re-decode '{run}': it needs the args.json and weights.json of a finished search ({e})")
     settings['decode_none'] = args.decode_none
     genotype, new = decode_weights(record['weights'], argparse.Namespace(**settings))
-    result = genotype_to_json(genotype, settings['space'])
     table = load_nb201_table(args.nb201_table) if args.nb201_table else None
     score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
-    if score:
-        result['nb201'] = score
-    write_json(os.path.join(run, 'weights.json'), new)
-    write_json(os.path.join(run, 'genotype.json'), result)
+    write_result(run, genotype, new, settings['space'], score)
     print(f"{run}: {genotype}" + (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''))
     return genotype
 
@@ -361,22 +390,10 @@ def main(argv=None):
     if rank == 0:  # only now: bad flags or data leave no run folder behind
         os.makedirs(args.save, exist_ok=True)
 
-    model = SearchNetwork(args.space, args.init_channels, meta['num_classes'], args.layers, args.cells, cfg).to(device)
-    if use_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    if use_cuda:
-        torch.backends.cudnn.benchmark = True
-    mim_decoder = MIMDecoder(model.feature_channels, model.feature_stride).to(device) if args.mim else None
+    model, mim_decoder, arch_params, weights, w_opt, arch_opt, forward, autocast = build_search(
+        args, cfg, meta['num_classes'], device)
     mim = (mim_decoder, args.mim, args.mim_ratio, args.mim_patch) if args.mim else None
-    arch_params, weights = model.arch_parameters(), model.weight_parameters()
-    if mim_decoder is not None:
-        weights += list(mim_decoder.parameters())
-    w_opt = torch.optim.SGD(weights, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    arch_opt = torch.optim.Adam(arch_params, args.arch_lr, betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=args.lr_min)
-    forward = torch.compile(model) if args.compile else model
-    amp = args.amp == 'bf16' or (args.amp == 'auto' and use_cuda)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
     start_epoch, history = 0, []
     if resume_state is not None:
@@ -463,12 +480,7 @@ def main(argv=None):
     genotype, record = decode(model, decode_batches(decode_q, args.decode_samples, args.method), args)
     score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
     if rank == 0:
-        write_json(os.path.join(args.save, 'weights.json'), record)
-        result = genotype_to_json(genotype, args.space)
-        if score:
-            result['nb201'] = score
-        write_json(os.path.join(args.save, 'genotype.json'), result)
-        write_diagrams(genotype, args.save)
+        write_result(args.save, genotype, record, args.space, score)
     if os.environ.get('MIDAS_RANK_STATES'):  # every rank's final supernet, for the tests to compare across ranks
         save_checkpoint(os.path.join(args.save, f'rank{rank}-state.pt'),
                         {'model': model.state_dict(), 'genotype': genotype_to_json(genotype, args.space)})
