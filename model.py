@@ -88,55 +88,72 @@ def _unpatch(x6):
 
 
 def _pw_runs(t, pw):
-    """Per-patch statistics B x gh x gw x C -> B x gh x 1 x gw x (pw C), each value repeated over its patch's pw
-    pixels, to broadcast against a map's B x gh x ph x gw x (pw C) view."""
-    b, gh, gw, c = t.shape
-    return t[:, :, :, None, :].expand(b, gh, gw, pw, c).reshape(b, gh, 1, gw, pw * c)
+    """Per-patch statistics ... x gh x gw x C -> ... x gh x 1 x gw x (pw C), each value repeated over its patch's
+    pw pixels, to broadcast against a map's B x gh x ph x gw x (pw C) view."""
+    *lead, gw, c = t.shape
+    return t.unsqueeze(-2).expand(*lead, gw, pw, c).reshape(*lead, gw, pw * c).unsqueeze(-3)
 
 
-class _PatchMoments(torch.autograd.Function):
-    """Per-patch mean and mean of squares of K candidate maps, on a grid that divides the maps, stacked as
-    K x B x gh x gw x C: the values of pool_grid(f) and pool_grid(f * f). The backward needs only the maps, which
-    the mixing keeps anyway, whereas autograd would also keep every f * f alive (a quarter more activation
-    memory in the DARTS space) and run a longer chain of full-size kernels."""
+class _PatchTokens(torch.autograd.Function):
+    """The 'meanstd' tokens of K candidate maps on a grid that divides them, K x B x gh x gw x 2C: per patch the
+    mean of each channel, then its standard deviation sqrt(max(E[f^2] - E[f]^2, 1e-8)), written straight into one
+    tensor. Autograd would keep every f * f alive (a quarter more activation memory in the DARTS space) and run
+    a chain of a dozen kernels (stack, square, subtract, clamp, sqrt, cat and their backwards); the backward here
+    needs only the maps, which the mixing keeps anyway, and the small token itself."""
 
     @staticmethod
     def forward(ctx, grid, *maps):
         gh, gw = grid
-        h, w = maps[0].shape[-2:]
-        ctx.kernel = (h // gh, w // gw)
-        ctx.save_for_backward(*maps)
+        (b, c, h, w), k = maps[0].shape, len(maps)
+        ph, pw = h // gh, w // gw
+        token = maps[0].new_empty(k, b, gh, gw, 2 * c)
+        mean, square = token[..., :c], token[..., c:]
         views = [_patches(f, gh, gw) for f in maps]
         # One scratch map holds each f * f in turn: a fresh full-size temporary per map is a fresh block of
         # memory from the OS on CPU, and its page faults cost more than the multiplication (measured: 3.5x).
-        if maps[0].shape[1] < _NARROW and all(v is not None for v in views):
-            n = ctx.kernel[0] * ctx.kernel[1]   # sum over ph (an outer dim), then over pw
-            square = torch.empty_like(views[0])
-            means = torch.stack([v.sum(2).sum(3) for v in views]).div_(n)
-            squares = torch.stack([torch.mul(v, v, out=square).sum(2).sum(3) for v in views]).div_(n)
+        if c < _NARROW and all(v is not None for v in views):
+            scratch = torch.empty_like(views[0])
+            for v, m, s in zip(views, mean, square):     # sums over ph (an outer dim), then over pw
+                torch.sum(v.sum(2), 3, out=m)
+                torch.sum(torch.mul(v, v, out=scratch).sum(2), 3, out=s)
         else:
-            square = torch.empty_like(maps[0])
-            means = torch.stack([pool_grid(f, gh, gw).permute(0, 2, 3, 1) for f in maps])
-            squares = torch.stack([pool_grid(torch.mul(f, f, out=square), gh, gw).permute(0, 2, 3, 1)
-                                   for f in maps])
-        return means, squares
+            scratch = torch.empty_like(maps[0])
+            for f, m, s in zip(maps, mean, square):
+                m.copy_(pool_grid(f, gh, gw).permute(0, 2, 3, 1))
+                s.copy_(pool_grid(torch.mul(f, f, out=scratch), gh, gw).permute(0, 2, 3, 1))
+            ph = pw = 1   # pool_grid gave means, not sums
+        token.div_(ph * pw)
+        square.sub_(mean * mean)                         # the variance, in place
+        spread = square > 1e-8                           # where the clamp passes gradients
+        square.clamp_min_(1e-8).sqrt_()
+        ctx.kernel = (h // gh, w // gw)
+        ctx.save_for_backward(token, spread, *maps)
+        return token
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_mean, g_square):
-        # d mean / df = up(g) / n; d mean(f^2) / df = 2 f up(g) / n, n = pixels per patch
-        (ph, pw), grads = ctx.kernel, []
-        a, b = g_mean / (ph * pw), g_square * (2.0 / (ph * pw))      # K x B x gh x gw x C
-        for f, ak, bk in zip(ctx.saved_tensors, a, b):
-            v = _patches(f, ak.shape[1], ak.shape[2])
+    def backward(ctx, grad):
+        # token = (m, s): m = mean f, s = sqrt(mean f^2 - m^2). With n pixels per patch, d m / df = 1/n and
+        # d s / df = (f - m) / (n s), so df = up(a) + f up(b), a = (g_m - m g_s / s) / n, b = g_s / (s n).
+        token, spread, *maps = ctx.saved_tensors
+        (ph, pw), c = ctx.kernel, token.shape[-1] // 2
+        mean, std = token[..., :c], token[..., c:]
+        b = (grad[..., c:] / std).mul_(spread)
+        a = (grad[..., :c] - b * mean).div_(ph * pw)
+        b.div_(ph * pw)                                  # K x B x gh x gw x C
+        grads = []
+        narrow = maps[0].shape[1] < _NARROW and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)
+        if narrow:  # a + f b over (pw C) runs, the runs of all K maps made at once
+            a, b = _pw_runs(a, pw), _pw_runs(b, pw)
+        for f, ak, bk in zip(maps, a, b):
+            v = _patches(f, *token.shape[2:4])
             if v is None:
                 up = lambda g: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f, ctx.kernel, ctx.kernel,
                                                                   (0, 0), False, True, None) * (ph * pw)
                 grads.append(torch.addcmul(up(ak), f, up(bk)))
-            elif f.shape[1] < _NARROW:  # a + f b over (pw C) runs
-                g = torch.addcmul(_pw_runs(ak, pw), v.flatten(4), _pw_runs(bk, pw))
-                grads.append(_unpatch(g.view(v.shape)))
-            else:                       # a + f b broadcast over the patch pixels
+            elif narrow:
+                grads.append(_unpatch(torch.addcmul(ak, v.flatten(4), bk).view(v.shape)))
+            else:       # a + f b broadcast over the patch pixels
                 grads.append(_unpatch(torch.addcmul(ak[:, :, None, :, None], v, bk[:, :, None, :, None])))
         return (None, *grads)
 
@@ -145,8 +162,7 @@ def patch_tokens(maps, gh, gw, token):
     """Tokens of K candidate maps (B x C x H x W each) -> K x B x gh x gw x C' (C' = 2C for 'meanstd')."""
     h, w = maps[0].shape[-2:]
     if token == 'meanstd' and h % gh == 0 and w % gw == 0:
-        mean, square = _PatchMoments.apply((gh, gw), *maps)
-        return torch.cat([mean, (square - mean * mean).clamp_min(1e-8).sqrt()], -1)
+        return _PatchTokens.apply((gh, gw), *maps)
     means = [pool_grid(f, gh, gw) for f in maps]
     if token == 'meanstd':
         means = [torch.cat([m, std_grid(f, m, gh, gw)], 1) for f, m in zip(maps, means)]
@@ -173,21 +189,35 @@ def mix_add(acc, f, w):
     return f * w if acc is None else torch.addcmul(acc, f, w)
 
 
+def _rows(f, gh):
+    """The channels-last map f viewed B x gh x ph x (W C): the ph pixel rows of each grid row (no copy)."""
+    b, c, h, w = f.shape
+    return f.permute(0, 2, 3, 1).view(b, gh, h // gh, w * c)
+
+
+def _weight_rows(weights, pw, c):
+    """Patch weights B' x K x gh x gw -> B' x K x gh x 1 x (gw pw C): each weight repeated over its patch's pw
+    pixels and C channels, one row per grid row, to broadcast against the maps' B x gh x ph x (W C) views."""
+    b, k, gh, gw = weights.shape
+    return weights.unsqueeze(-1).expand(b, k, gh, gw, pw * c).reshape(b, k, gh, 1, gw * pw * c)
+
+
 class _MixPatches(torch.autograd.Function):
-    """mix_node for channels-last maps on a grid that divides them: each patch weight multiplies its patch's
-    (pw C) runs of the NHWC memory, so no upsampled weight map is made or kept, and the backward's weight
-    gradient is a sum over those runs instead of a sum over the channels of every pixel."""
+    """mix_node for channels-last maps on a grid that divides them. Each weight is repeated over its patch's
+    pw pixels and C channels once per node (a tensor 1/ph of a map's size), so every product runs over whole
+    contiguous (W C) rows of the NHWC memory, as the scalar weights of a static table do; no upsampled weight
+    map is made or kept, and the weight gradient sums the ph rows first, then each patch's (pw C) run."""
 
     @staticmethod
     def forward(ctx, weights, *maps):
-        gh, gw = weights.shape[-2:]
-        w6 = weights[:, :, :, None, :, None, None].unbind(1)        # K x (B' x gh x 1 x gw x 1 x 1)
+        (b, c, h, w), gh = maps[0].shape, weights.shape[2]
+        runs = _weight_rows(weights, w // weights.shape[3], c).unbind(1)   # K x (B' x gh x 1 x W C)
         out = torch.empty(maps[0].shape, dtype=torch.result_type(maps[0], weights), device=maps[0].device,
                           memory_format=torch.channels_last)
-        acc = _patches(out, gh, gw)
-        torch.mul(_patches(maps[0], gh, gw), w6[0], out=acc)         # the same products, in the same order,
-        for k in range(1, len(maps)):                                # as f * w then addcmul
-            acc.addcmul_(_patches(maps[k], gh, gw), w6[k])
+        acc = _rows(out, gh)
+        torch.mul(_rows(maps[0], gh), runs[0], out=acc)             # the same products, in the same order,
+        for k in range(1, len(maps)):                               # as f * w then addcmul
+            acc.addcmul_(_rows(maps[k], gh), runs[k])
         ctx.save_for_backward(weights, *maps)
         return out
 
@@ -195,19 +225,22 @@ class _MixPatches(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         weights, *maps = ctx.saved_tensors
-        gh, gw = weights.shape[-2:]
-        g = _patches(grad.contiguous(memory_format=torch.channels_last), gh, gw)
-        w6 = weights[:, :, :, None, :, None, None].unbind(1)
+        (b, c, h, w), (gh, gw) = maps[0].shape, weights.shape[2:]
+        g = _rows(grad.contiguous(memory_format=torch.channels_last), gh)
+        runs = _weight_rows(weights, w // gw, c).unbind(1)
+        scratch = (torch.empty(g.shape, dtype=torch.result_type(grad, maps[0]), device=grad.device)
+                   if ctx.needs_input_grad[0] else None)         # one product buffer for all K maps
         grad_maps, grad_w = [], []
         for k, f in enumerate(maps):
             if ctx.needs_input_grad[k + 1]:
                 gf = torch.empty(f.shape, dtype=f.dtype, device=f.device, memory_format=torch.channels_last)
-                torch.mul(g, w6[k], out=_patches(gf, gh, gw))
+                torch.mul(g, runs[k], out=_rows(gf, gh))
                 grad_maps.append(gf)
             else:
                 grad_maps.append(None)
             if ctx.needs_input_grad[0]:
-                grad_w.append((g * _patches(f, gh, gw)).flatten(4).sum(4).sum(2))   # B x gh x gw
+                rows = torch.mul(g, _rows(f, gh), out=scratch).sum(2)                  # B x gh x (W C)
+                grad_w.append(rows.view(b, gh, gw, -1).sum(3))                          # B x gh x gw
         if grad_w:
             grad_w = torch.stack(grad_w, 1)
             if weights.shape[0] == 1 and grad_w.shape[0] != 1:             # a static table: summed over the batch
@@ -256,7 +289,10 @@ def live_index(live):
 class MixedOp(nn.Module):
     """The candidates of one edge. 'none' is never computed: its output is zero and so is its token.
     Candidates that begin with a ReLU have it removed and take relu(x), which the cell computes once per
-    state for all the edges leaving it (same values, fewer ops and saved activations)."""
+    state for all the edges leaving it (same values, fewer ops and saved activations). Likewise a
+    parameter-free candidate (a pool, the identity) gives the same map on every edge leaving a state, so the
+    cell computes it, and its token, once per state: the edge that leaves the state first does the work (its
+    pool BN's running statistics are the ones every such edge would have had; the others' stay unused)."""
 
     def __init__(self, C, stride, primitives, bn_after_pool):
         super().__init__()
@@ -272,12 +308,25 @@ class MixedOp(nn.Module):
         self._ops = nn.ModuleList(ops)
         self.wants_relu = [strip_leading_relu(op) for op in self._ops]
         self.uses_relu = any(self.wants_relu)
+        # the same function of the input on every edge ('noise' draws afresh on each)
+        self.pure = [self.primitives[j] != 'noise' and not any(True for _ in op.parameters())
+                     for j, op in zip(self.live, self._ops)]
 
-    def forward(self, x, x_relu=None):
-        """x_relu: relu(x) if the caller has it (computed here otherwise)."""
+    def forward(self, x, x_relu=None, shared=None):
+        """x_relu: relu(x) if the caller has it (computed here otherwise). shared: a dict kept by the caller for
+        the state x, holding the parameter-free candidates' maps by name (None: compute every candidate)."""
         if x_relu is None and self.uses_relu:
             x_relu = F.relu(x)
-        return [op(x_relu if r else x) for op, r in zip(self._ops, self.wants_relu)]
+        outs = []
+        for j, op, wants_relu, pure in zip(self.live, self._ops, self.wants_relu, self.pure):
+            if pure and shared is not None:
+                name = self.primitives[j]
+                if name not in shared:
+                    shared[name] = op(x)
+                outs.append(shared[name])
+            else:
+                outs.append(op(x_relu if wants_relu else x))
+        return outs
 
 
 class NodeAttention(nn.Module):
@@ -291,18 +340,20 @@ class NodeAttention(nn.Module):
         self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
         self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
 
-    def forward(self, pooled_inputs, outs):
-        """pooled_inputs: B x (n_in C) x gh x gw; outs: K candidate maps -> scores K x B x gh x gw."""
-        gh, gw = pooled_inputs.shape[-2:]
+    def tokens(self, maps, gh, gw):
+        """Key tokens of K candidate maps -> K x B x gh x gw x C', layer-normalised with token_norm."""
+        t = patch_tokens(maps, gh, gw, self.cfg.token)
+        return F.layer_norm(t, t.shape[-1:]) if self.cfg.token_norm else t
+
+    def forward(self, pooled_inputs, tokens):
+        """pooled_inputs: B x (n_in C) x gh x gw; tokens: K x B x gh x gw x C' -> scores K x B x gh x gw."""
         z = pooled_inputs.permute(0, 2, 3, 1)                                    # B gh gw nC
-        t = patch_tokens(outs, gh, gw, self.cfg.token)                          # K B gh gw C'
         if self.cfg.token_norm:
             z = F.layer_norm(z, z.shape[-1:])
-            t = F.layer_norm(t, t.shape[-1:])
         # <W_q z, W_k t> = <W_k^T W_q z, t>: the key projection is applied to the query once rather than to
         # all K candidate tokens (the same scores, a K-times smaller matrix product)
         q = self.w_q(z) @ self.w_k.weight                                        # B gh gw C'
-        return (t * q).sum(-1) / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
+        return (tokens * q).sum(-1) / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
 
 
 _PAIR_TABLES = {}
@@ -323,15 +374,15 @@ def _pair_tables(n_edges, device, dtype):
     return _PAIR_TABLES[key]
 
 
-def edge_weights(edge_scores, mixed_ops, topology):
-    """Softmax over each edge's candidates, then (topology) the pair softmax of §5.
-    edge_scores: per edge, B' x J_e x gh x gw (B' = 1 for a static table).
-    -> (w per edge, gamma E x B' x gh x gw or None, pi P x B' x gh x gw or None)"""
-    w = [s.softmax(1) for s in edge_scores]
-    if not topology or len(edge_scores) < 2:
+def edge_weights(scores, live, topology):
+    """Softmax over each edge's candidates, then (topology) the pair softmax of §5, for all the edges of a node at
+    once. scores: E x J x B' x gh x gw (B' = 1 for a static table); live: the columns of the non-'none' candidates.
+    -> (w E x J x B' x gh x gw, gamma E x B' x gh x gw or None, pi P x B' x gh x gw or None)"""
+    w = scores.softmax(1)
+    if not topology or scores.shape[0] < 2:
         return w, None, None
-    logits = torch.stack([s[:, live_index(op.live)].logsumexp(1) for s, op in zip(edge_scores, mixed_ops)])
-    first, second, membership = _pair_tables(len(edge_scores), logits.device, logits.dtype)      # E B gh gw
+    logits = scores[:, live].logsumexp(1)                                                       # E B gh gw
+    first, second, membership = _pair_tables(scores.shape[0], logits.device, logits.dtype)
     pi = (logits.index_select(0, first) + logits.index_select(0, second)).softmax(0)           # P B gh gw
     gamma = torch.einsum('ep,pbxy->ebxy', membership, pi)
     return w, gamma, pi
@@ -357,6 +408,7 @@ class SearchCell(nn.Module):
                 self._ops.append(MixedOp(C, stride, edge_ops[len(self._ops)], bn_after_pool=kind == 'darts'))
         self.attention = nn.ModuleList(
             [NodeAttention(len(inputs), C, cfg) for _, inputs in self.nodes]) if cfg.method == 'midas' else None
+        self.live = self._ops[0].live_index  # the same on every edge (SearchNetwork checks): one tensor per node
 
     def forward(self, inputs, alpha=None, recorder=None, offset=None):
         """offset: an E x J table added to the mixing weights (mean-shift sampling), or None."""
@@ -366,49 +418,65 @@ class SearchCell(nn.Module):
             states = [inputs[0]]
         pooled = {}  # every node of a cell has the same resolution: pool each state once
         relu = {}    # relu(state), computed once for all the candidates that begin with a ReLU
+        shared = [{} for _ in range(len(states) + len(self.nodes))]  # per state: its parameter-free maps
+        tokens = {}  # (state, candidate) -> token of a parameter-free candidate's map
         e0 = 0
         for n, (node, srcs) in enumerate(self.nodes):
             edges = self._ops[e0:e0 + len(srcs)]
             for op, i in zip(edges, srcs):
                 if op.uses_relu and i not in relu:
                     relu[i] = F.relu(states[i])
-            outs = [op(states[i], relu.get(i)) for op, i in zip(edges, srcs)]
-            scores = self._scores(n, srcs, states, edges, outs, pooled, alpha, e0)
-            w, gamma, pi = edge_weights(scores, edges, self.topology)
+            outs = [op(states[i], relu.get(i), shared[i]) for op, i in zip(edges, srcs)]
+            maps = [f for edge_outs in outs for f in edge_outs]
+            scores = self._scores(n, srcs, states, edges, maps, pooled, tokens, alpha, e0)     # E J B' gh gw
+            w, gamma, pi = edge_weights(scores, self.live, self.topology)
             if offset is not None:
-                w = [we + offset[e0 + e, :we.shape[1]].view(1, -1, 1, 1) for e, we in enumerate(w)]
+                w = w + offset[e0:e0 + len(srcs)].view(*w.shape[:2], 1, 1, 1)
             if recorder is not None:
-                recorder(self, n, w, gamma, pi)
-            # weight of candidate j on edge e: w[e][:, j], times gamma[e] with the topology (§4-5)
-            weights = [w[e][:, op.live_index] for e, op in enumerate(edges)]
-            if gamma is not None:
-                weights = [we * gamma[e].unsqueeze(1) for e, we in enumerate(weights)]
-            states.append(mix_node([f for edge_outs in outs for f in edge_outs], torch.cat(weights, 1)))
+                recorder(self, n, w.transpose(1, 2).unbind(0), gamma, pi)
+            # weight of candidate j on edge e: w[e, j], times gamma[e] with the topology (§4-5)
+            weights = w[:, self.live] if gamma is None else w[:, self.live] * gamma.unsqueeze(1)  # E L B' gh gw
+            states.append(mix_node(maps, weights.flatten(0, 1).transpose(0, 1)))
             e0 += len(srcs)
         if self.kind == 'darts':
             return torch.cat(states[2:], dim=1)
         return states[-1]
 
-    def _scores(self, n, srcs, states, edges, outs, pooled, alpha, e0):
-        """Per edge: B' x J_e x gh x gw scores, 'none' scored 0 (its token and so its key are 0)."""
+    def _scores(self, n, srcs, states, edges, maps, pooled, tokens, alpha, e0):
+        """E x J x B' x gh x gw scores of the node's edges, 'none' scored 0 (its token and so its key are 0)."""
         if alpha is not None:  # static DARTS table: one row per edge, broadcast over batch and patches
-            return [alpha[e0 + e, :len(op.primitives)].view(1, -1, 1, 1) for e, op in enumerate(edges)]
-        h, w = outs[0][0].shape[-2:]
+            return alpha[e0:e0 + len(edges)].view(len(edges), -1, 1, 1, 1)
+        h, w = maps[0].shape[-2:]
         gh, gw = grid_size(h, w, self.cfg.patch)
         for i in srcs:
             if i not in pooled:
                 pooled[i] = pool_grid(states[i], gh, gw)
-        flat = [f for edge_outs in outs for f in edge_outs]
-        live = self.attention[n](torch.cat([pooled[i] for i in srcs], 1), flat)   # K B gh gw
-        scores = []  # split, not sliced: one backward op for all edges, not a zero-filled K-size tensor per edge
-        for op, part in zip(edges, live.transpose(0, 1).split([len(op.live) for op in edges], 1)):
-            if len(op.live) == len(op.primitives):  # no 'none' on this edge
-                s = part
-            else:
-                s = live.new_zeros(live.shape[1], len(op.primitives), gh, gw)
-                s[:, op.live_index] = part
-            scores.append(s)
+        keys = [(i, op.primitives[j]) if pure else None
+                for op, i in zip(edges, srcs) for j, pure in zip(op.live, op.pure)]
+        t = self._tokens(self.attention[n], maps, keys, tokens, gh, gw)
+        live = self.attention[n](torch.cat([pooled[i] for i in srcs], 1), t)    # K B gh gw, K = E L
+        live = live.view(len(edges), -1, *live.shape[1:])                         # E L B gh gw
+        if live.shape[1] == len(edges[0].primitives):
+            return live
+        scores = live.new_zeros(len(edges), len(edges[0].primitives), *live.shape[2:])
+        scores[:, self.live] = live
         return scores
+
+    @staticmethod
+    def _tokens(attention, maps, keys, cache, gh, gw):
+        """The tokens of a node's K candidate maps, K x B x gh x gw x C'. A parameter-free candidate's map
+        (key not None) is the same on every edge leaving its state, and so is its token: made once, kept in
+        cache for the later nodes of the cell."""
+        todo = [k for k, key in enumerate(keys) if key not in cache]
+        made = attention.tokens([maps[k] for k in todo], gh, gw) if todo else None
+        if len(todo) == len(maps) and all(key is None for key in keys):
+            return made
+        # unbind, not indexing: one backward op for all of them, where each index would zero-fill K tokens
+        new = dict(zip(todo, made.unbind(0) if todo else ()))
+        cache.update((keys[k], new[k]) for k in todo if keys[k] is not None)
+        if len(todo) == len(maps):
+            return made
+        return torch.stack([new[k] if k in new else cache[key] for k, key in enumerate(keys)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,8 +512,9 @@ class SearchNetwork(nn.Module):
         self.space_name, self.space, self.cfg = space, get_space(space), cfg
         self.kind = self.space['kind']
         for cell_type in ('normal', 'reduce') if self.kind == 'darts' else ('normal',):
-            lengths = {len(ops) for ops in self.space[cell_type]}
-            assert len(lengths) == 1, 'a static alpha table needs the same number of candidates on every edge'
+            layouts = {(len(ops), tuple(p == 'none' for p in ops)) for ops in self.space[cell_type]}
+            assert len(layouts) == 1, ("a cell's edges are scored as one tensor (and DARTS's alpha is one table): "
+                                       "every edge needs the same number of candidates, 'none' in the same places")
         self.cells = nn.ModuleList()
         if self.kind == 'darts':
             C_curr = stem_multiplier * C

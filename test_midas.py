@@ -95,21 +95,16 @@ def test_weights_sum_to_one_per_patch_and_gammas_to_two():
 
 def test_gamma_is_sum_of_pair_probabilities():
     torch.manual_seed(1)
-
-    class Op:
-        def __init__(self, live):
-            self.live = live
-
-    scores = [torch.randn(2, 3, 1, 1) for _ in range(4)]
-    ops = [Op([1, 2])] * 4  # candidate 0 plays 'none': excluded from the edge logit
-    w, gamma, pi = edge_weights(scores, ops, topology=True)
-    logits = [s[:, 1:].logsumexp(1) for s in scores]
+    scores = torch.randn(4, 3, 2, 1, 1)  # 4 edges x 3 candidates x batch 2 x a 1 x 1 grid
+    w, gamma, pi = edge_weights(scores, slice(1, 3), topology=True)  # candidate 0 plays 'none': not in the logit
+    torch.testing.assert_close(w, scores.softmax(1))
+    logits = [s[1:].logsumexp(0) for s in scores]
     pairs = list(itertools.combinations(range(4), 2))
     raw = torch.stack([logits[a] + logits[b] for a, b in pairs]).softmax(0)
     torch.testing.assert_close(pi, raw)
     for e in range(4):
         torch.testing.assert_close(gamma[e], sum(raw[p] for p, pair in enumerate(pairs) if e in pair))
-    _, g2, p2 = edge_weights(scores[:2], ops[:2], topology=True)
+    _, g2, p2 = edge_weights(scores[:2], slice(1, 3), topology=True)
     torch.testing.assert_close(g2, torch.ones_like(g2))  # two inputs: one pair, both edges kept
 
 
@@ -186,6 +181,37 @@ def test_channels_last_fast_paths_match_plain_autograd(channels, batch_weights):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(fast[3], plain[3])
     assert run('channels_last')[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('space,method', [('darts', 'midas'), ('darts', 'darts'), ('nb201', 'midas'),
+                                          ('s3', 'midas')])
+def test_parameter_free_candidates_computed_once_per_state_change_nothing(space, method):
+    """A cell computes each pool / identity map, and its token, once per state for all the edges leaving it.
+    Against every edge computing its own (op.pure all False): the same outputs, gradients and BN statistics
+    in training, and the same outputs in eval mode afterwards (decoding reads the pools' running statistics)."""
+    torch.manual_seed(0)
+    shared = SearchNetwork(space, C=8, layers=3, cells=1, cfg=ArchConfig(method=method, patch=4))
+    shared = shared.to(memory_format=torch.channels_last).double()
+    each = SearchNetwork(space, C=8, layers=3, cells=1, cfg=ArchConfig(method=method, patch=4))
+    each = each.to(memory_format=torch.channels_last).double()
+    each.load_state_dict(shared.state_dict())
+    for cell in each.search_cells():
+        for op in cell._ops:
+            op.pure = [False] * len(op.pure)
+    assert any(any(op.pure) for cell in shared.search_cells() for op in cell._ops)
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    for step in range(2):
+        outputs = []
+        for net in (shared, each):
+            net.zero_grad()
+            out = net(x + step)
+            out.square().sum().backward()
+            outputs.append((out, [p.grad for p in net.parameters()]))
+        torch.testing.assert_close(outputs[0][0], outputs[1][0])
+        for a, b in zip(outputs[0][1], outputs[1][1]):
+            torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(shared.eval()(x), each.eval()(x))
 
 
 def test_architecture_parameters_are_separate():
