@@ -61,9 +61,12 @@ def pool_grid(x, gh, gw):
     return F.adaptive_avg_pool2d(x, (gh, gw))
 
 
+_VAR_MIN = 1e-8  # the variance below which a patch counts as flat: keeps sqrt and its gradient finite
+
+
 def std_grid(x, mean, gh, gw):
     """Per-patch standard deviation, from E[x^2] - E[x]^2 (one extra pooling, no unfolded copy)."""
-    return (pool_grid(x * x, gh, gw) - mean * mean).clamp_min(1e-8).sqrt()
+    return (pool_grid(x * x, gh, gw) - mean * mean).clamp_min(_VAR_MIN).sqrt()
 
 
 # Channels-last fast paths. A B x C x H x W map in channels-last memory is NHWC, which views without a copy as
@@ -123,11 +126,9 @@ class _PatchTokens(torch.autograd.Function):
                 s.copy_(pool_grid(torch.mul(f, f, out=scratch), gh, gw).permute(0, 2, 3, 1))
             ph = pw = 1   # pool_grid gave means, not sums
         token.div_(ph * pw)
-        square.sub_(mean * mean)                         # the variance, in place
-        spread = square > 1e-8                           # where the clamp passes gradients
-        square.clamp_min_(1e-8).sqrt_()
+        square.addcmul_(mean, mean, value=-1.0).clamp_min_(_VAR_MIN).sqrt_()   # the variance, then the std
         ctx.kernel = (h // gh, w // gw)
-        ctx.save_for_backward(token, spread, *maps)
+        ctx.save_for_backward(token, *maps)
         return token
 
     @staticmethod
@@ -135,11 +136,12 @@ class _PatchTokens(torch.autograd.Function):
     def backward(ctx, grad):
         # token = (m, s): m = mean f, s = sqrt(mean f^2 - m^2). With n pixels per patch, d m / df = 1/n and
         # d s / df = (f - m) / (n s), so df = up(a) + f up(b), a = (g_m - m g_s / s) / n, b = g_s / (s n).
-        token, spread, *maps = ctx.saved_tensors
+        token, *maps = ctx.saved_tensors
         (ph, pw), c = ctx.kernel, token.shape[-1] // 2
         mean, std = token[..., :c], token[..., c:]
-        b = (grad[..., c:] / std).mul_(spread)
-        a = (grad[..., :c] - b * mean).div_(ph * pw)
+        flat = std <= std.new_full((), _VAR_MIN).sqrt_()   # clamped patches, to the bit: no gradient there
+        b = (grad[..., c:] / std).masked_fill_(flat, 0.0)
+        a = torch.addcmul(grad[..., :c], b, mean, value=-1.0).div_(ph * pw)
         b.div_(ph * pw)                                  # K x B x gh x gw x C
         grads = []
         narrow = maps[0].shape[1] < _NARROW and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)
