@@ -108,26 +108,29 @@ class _PatchTokens(torch.autograd.Function):
     def forward(ctx, grid, *maps):
         gh, gw = grid
         (b, c, h, w), k = maps[0].shape, len(maps)
-        ph, pw = h // gh, w // gw
-        token = maps[0].new_empty(k, b, gh, gw, 2 * c)
+        n = (h // gh) * (w // gw)   # pixels per patch
+        # float32 moments even under autocast: E[f^2] - E[f]^2 cancels, and bf16 keeps three digits
+        dtype = torch.promote_types(maps[0].dtype, torch.float32)
+        token = maps[0].new_empty(k, b, gh, gw, 2 * c, dtype=dtype)
         mean, square = token[..., :c], token[..., c:]
-        views = [_patches(f, gh, gw) for f in maps]
+        rows = c < _NARROW and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)
         # One scratch map holds each f * f in turn: a fresh full-size temporary per map is a fresh block of
         # memory from the OS on CPU, and its page faults cost more than the multiplication (measured: 3.5x).
-        if c < _NARROW and all(v is not None for v in views):
-            scratch = torch.empty_like(views[0])
-            for v, m, s in zip(views, mean, square):     # sums over ph (an outer dim), then over pw
+        scratch = None
+        for f, m, s in zip(maps, mean, square):
+            f = f.to(dtype)
+            scratch = torch.empty_like(f) if scratch is None else scratch
+            if rows:   # sums over ph (an outer dim), then over pw: faster than pooling for few channels
+                v = _patches(f, gh, gw)
                 torch.sum(v.sum(2), 3, out=m)
-                torch.sum(torch.mul(v, v, out=scratch).sum(2), 3, out=s)
-        else:
-            scratch = torch.empty_like(maps[0])
-            for f, m, s in zip(maps, mean, square):
+                torch.sum(torch.mul(v, v, out=_patches(scratch, gh, gw)).sum(2), 3, out=s)
+            else:
                 m.copy_(pool_grid(f, gh, gw).permute(0, 2, 3, 1))
                 s.copy_(pool_grid(torch.mul(f, f, out=scratch), gh, gw).permute(0, 2, 3, 1))
-            ph = pw = 1   # pool_grid gave means, not sums
-        token.div_(ph * pw)
+        if rows:
+            token.div_(n)
         square.addcmul_(mean, mean, value=-1.0).clamp_min_(_VAR_MIN).sqrt_()   # the variance, then the std
-        ctx.kernel = (h // gh, w // gw)
+        ctx.kernel, ctx.rows = (h // gh, w // gw), rows
         ctx.save_for_backward(token, *maps)
         return token
 
@@ -143,9 +146,9 @@ class _PatchTokens(torch.autograd.Function):
         b = (grad[..., c:] / std).masked_fill_(flat, 0.0)
         a = torch.addcmul(grad[..., :c], b, mean, value=-1.0).div_(ph * pw)
         b.div_(ph * pw)                                  # K x B x gh x gw x C
+        a, b = a.to(maps[0].dtype), b.to(maps[0].dtype)  # float32 tokens, gradients in the maps' precision
         grads = []
-        narrow = maps[0].shape[1] < _NARROW and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)
-        if narrow:  # a + f b over (pw C) runs, the runs of all K maps made at once
+        if ctx.rows:  # a + f b over (pw C) runs, the runs of all K maps made at once
             a, b = _pw_runs(a, pw), _pw_runs(b, pw)
         for f, ak, bk in zip(maps, a, b):
             v = _patches(f, *token.shape[2:4])
@@ -153,7 +156,7 @@ class _PatchTokens(torch.autograd.Function):
                 up = lambda g: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f, ctx.kernel, ctx.kernel,
                                                                   (0, 0), False, True, None) * (ph * pw)
                 grads.append(torch.addcmul(up(ak), f, up(bk)))
-            elif narrow:
+            elif ctx.rows:
                 grads.append(_unpatch(torch.addcmul(ak, v.flatten(4), bk).view(v.shape)))
             else:       # a + f b broadcast over the patch pixels
                 grads.append(_unpatch(torch.addcmul(ak[:, :, None, :, None], v, bk[:, :, None, :, None])))

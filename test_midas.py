@@ -183,6 +183,24 @@ def test_channels_last_fast_paths_match_plain_autograd(channels, batch_weights):
     assert run('channels_last')[1].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize('channels', [4, 32])
+def test_tokens_of_bfloat16_maps_are_float32(channels):
+    """Under autocast the candidate maps are bf16; the token's std is E[f^2] - E[f]^2, which cancels, so the
+    moments are taken in float32: the token equals that of the same maps upcast, and gradients stay bf16."""
+    g = torch.Generator().manual_seed(0)
+    maps = [(torch.randn(3, channels, 8, 8, generator=g) * 0.1 + 3.0).bfloat16()
+            .contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(2)]
+    tokens = patch_tokens(maps, 2, 2, 'meanstd')
+    upcast = patch_tokens([f.detach().float() for f in maps], 2, 2, 'meanstd')
+    assert tokens.dtype == torch.float32
+    torch.testing.assert_close(tokens, upcast)
+    f = maps[0].detach()   # the same std with bf16 moments: off by far more than the spread itself (~0.1)
+    std_bf16 = (pool_grid(f * f, 2, 2) - pool_grid(f, 2, 2) ** 2).clamp_min(1e-8).sqrt()
+    assert (std_bf16.float().permute(0, 2, 3, 1) - upcast[0, ..., channels:]).abs().max() > 0.03
+    tokens.sum().backward()
+    assert all(f.grad.dtype == torch.bfloat16 for f in maps)
+
+
 @pytest.mark.parametrize('space,method', [('darts', 'midas'), ('darts', 'darts'), ('nb201', 'midas'),
                                           ('s3', 'midas')])
 def test_parameter_free_candidates_computed_once_per_state_change_nothing(space, method):
