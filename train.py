@@ -417,6 +417,14 @@ def train_epoch(forward, params, batches, steps, opt, scaler, autocast, args, wo
 def evaluate(forward, model, batches, autocast, device, world, limit=None):
     """Test loss, top-1 and top-5 in eval mode, summed over the ranks' parts of the test set. limit: how
     many of this rank's images are real (the first ones)."""
+    # RDARTS S4's 'noise' draws random numbers in eval mode too: the same draws for every evaluation of the
+    # same weights (so --eval repeats the run's own figure), without touching the training's random stream
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(0)
+        return _evaluate(forward, model, batches, autocast, device, world, limit)
+
+
+def _evaluate(forward, model, batches, autocast, device, world, limit):
     model.eval()
     totals, seen = torch.zeros(4, dtype=torch.float64, device=device), 0
     for x, y in batches:
