@@ -532,8 +532,8 @@ def run_genotype(run):
 # ---------------------------------------------------------------------------------------------
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
-SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'mim', 'mean_shift', 'unrolled', 'arch_lr', 'epochs',
-                'init_channels', 'cells', 'subset', 'dataset')
+SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'mim', 'mean_shift', 'unrolled',
+                'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False}  # runs older than a flag group with 'off'
 
 
@@ -543,6 +543,10 @@ def setting_name(s):
         name += f" token {s['token']}"
     if s.get('token_norm') is False and s['method'] == 'midas':
         name += ' no-LN'
+    if s.get('tau', 1.0) != 1.0 and s['method'] == 'midas':
+        name += f" tau {s['tau']:g}"
+    if s.get('attn_dim', 32) != 32 and s['method'] == 'midas':
+        name += f" attn-dim {s['attn_dim']}"
     if s.get('arch_lr', 3e-4) != 3e-4:
         name += f" arch-lr {s['arch_lr']:g}"
     if s.get('mim'):

@@ -996,10 +996,12 @@ def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path):
 def test_nb201_results_table(tmp_path):
     import analyze
     runs = []
-    for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0)]):
+    for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
+                                               ('midas', 80.0, 85.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
-        args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd'}
+        args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
+                'tau': 0.5 if k == 3 else 1.0}   # a different temperature is a different setting
         (run / 'args.json').write_text(json.dumps(args))
         (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
                                                       {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
@@ -1008,6 +1010,7 @@ def test_nb201_results_table(tmp_path):
     text = analyze.nb201_results(runs)
     assert '| midas patch 4 | 0,1 | 90.50 ± 0.50 | 93.50 ± 0.50 | 92.50 → 93.50 |' in text
     assert '| darts | 2 | 88.00 | 91.00 | 90.00 → 91.00 |' in text
+    assert '| midas patch 4 tau 0.5 | 3 | 80.00 | 85.00 | 84.00 → 85.00 |' in text
 
 
 # ---------------------------------------------------------------------------------------------
