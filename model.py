@@ -116,10 +116,9 @@ class _PatchTokens(torch.autograd.Function):
         rows = c < _NARROW and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)
         # One scratch map holds each f * f in turn: a fresh full-size temporary per map is a fresh block of
         # memory from the OS on CPU, and its page faults cost more than the multiplication (measured: 3.5x).
-        scratch = None
+        scratch = torch.empty_like(maps[0], dtype=dtype)
         for f, m, s in zip(maps, mean, square):
             f = f.to(dtype)
-            scratch = torch.empty_like(f) if scratch is None else scratch
             if rows:   # sums over ph (an outer dim), then over pw: faster than pooling for few channels
                 v = _patches(f, gh, gw)
                 torch.sum(v.sum(2), 3, out=m)
@@ -232,7 +231,7 @@ class _MixPatches(torch.autograd.Function):
         weights, *maps = ctx.saved_tensors
         (b, c, h, w), (gh, gw) = maps[0].shape, weights.shape[2:]
         g = _rows(grad.contiguous(memory_format=torch.channels_last), gh)
-        runs = _weight_rows(weights, w // gw, c).unbind(1)
+        runs = _weight_rows(weights, w // gw, c).unbind(1)  # made again: kept, they would hold 1/ph of every map
         scratch = (torch.empty(g.shape, dtype=torch.result_type(grad, maps[0]), device=grad.device)
                    if ctx.needs_input_grad[0] else None)         # one product buffer for all K maps
         grad_maps, grad_w = [], []
@@ -399,6 +398,9 @@ class SearchCell(nn.Module):
 
     def __init__(self, kind, edge_ops, C_prev_prev, C_prev, C, reduction, reduction_prev, cfg):
         super().__init__()
+        layouts = {(len(ops), tuple(p == 'none' for p in ops)) for ops in edge_ops}
+        assert len(layouts) == 1, ("a cell's edges are scored as one tensor (and DARTS's alpha is one table): "
+                                   "every edge needs the same number of candidates, 'none' in the same places")
         self.kind, self.reduction, self.cfg = kind, reduction, cfg
         self.topology = cfg.topology and kind == 'darts'  # NB201 nodes take every predecessor (§5)
         if kind == 'darts':
@@ -413,7 +415,7 @@ class SearchCell(nn.Module):
                 self._ops.append(MixedOp(C, stride, edge_ops[len(self._ops)], bn_after_pool=kind == 'darts'))
         self.attention = nn.ModuleList(
             [NodeAttention(len(inputs), C, cfg) for _, inputs in self.nodes]) if cfg.method == 'midas' else None
-        self.live = self._ops[0].live_index  # the same on every edge (SearchNetwork checks): one tensor per node
+        self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
 
     def forward(self, inputs, alpha=None, recorder=None, offset=None):
         """offset: an E x J table added to the mixing weights (mean-shift sampling), or None."""
@@ -516,10 +518,6 @@ class SearchNetwork(nn.Module):
         super().__init__()
         self.space_name, self.space, self.cfg = space, get_space(space), cfg
         self.kind = self.space['kind']
-        for cell_type in ('normal', 'reduce') if self.kind == 'darts' else ('normal',):
-            layouts = {(len(ops), tuple(p == 'none' for p in ops)) for ops in self.space[cell_type]}
-            assert len(layouts) == 1, ("a cell's edges are scored as one tensor (and DARTS's alpha is one table): "
-                                       "every edge needs the same number of candidates, 'none' in the same places")
         self.cells = nn.ModuleList()
         if self.kind == 'darts':
             C_curr = stem_multiplier * C
