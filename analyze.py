@@ -532,9 +532,9 @@ def run_genotype(run):
 # ---------------------------------------------------------------------------------------------
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
-SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'mim', 'mean_shift', 'unrolled',
-                'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
-SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False}  # runs older than a flag group with 'off'
+SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset', 'mim', 'mean_shift',
+                'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
+SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False}  # runs older than a flag group with 'off'
 
 
 def setting_name(s):
@@ -547,6 +547,8 @@ def setting_name(s):
         name += f" tau {s['tau']:g}"
     if s.get('attn_dim', 32) != 32 and s['method'] == 'midas':
         name += f" attn-dim {s['attn_dim']}"
+    if s.get('key_offset') and s['method'] == 'midas':
+        name += ' key-offset'
     if s.get('arch_lr', 3e-4) != 3e-4:
         name += f" arch-lr {s['arch_lr']:g}"
     if s.get('mim'):
@@ -554,6 +556,12 @@ def setting_name(s):
     if s.get('mean_shift'):
         name += ' + mean-shift'
     return name
+
+
+def budget_name(s):
+    """The search budget of a run's settings: epochs, channels, cells per stage, images."""
+    images = f"{s['subset'] // 1000}k img" if s.get('subset') else 'all img'
+    return f"{s.get('epochs')} ep, {s.get('init_channels')} ch, {s.get('cells')} cell/stage, {images}"
 
 
 def mean_std(values):
@@ -581,10 +589,10 @@ def nb201_results(runs):
         epochs = min(len(h) for _, _, h in runs_)
         trajectory = ' → '.join(mean_std([h[e].get('nb201', {}).get('test') for _, _, h in runs_]).split(' ±')[0]
                                 for e in range(epochs))
-        rows.append([setting_name(s), ','.join(str(seed) for seed, _, _ in runs_),
+        rows.append([setting_name(s), budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
                      mean_std([f['nb201']['valid'] for _, f, _ in runs_]), mean_std([f['nb201']['test'] for _, f, _ in runs_]),
                      trajectory])
-    return table(['setting', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch'], rows)
+    return table(['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch'], rows)
 
 
 def get_args(argv=None):
@@ -664,7 +672,7 @@ def main(argv=None):
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
     analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
                 'settings': {k: settings.get(k) for k in ('space', 'method', 'patch', 'topology', 'token', 'token_norm',
-                                                          'dataset', 'epochs', 'init_channels', 'layers', 'cells',
+                                                          'key_offset', 'dataset', 'epochs', 'init_channels', 'layers', 'cells',
                                                           'subset', 'seed')},
                 'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}
     write_json(os.path.join(out, 'analysis.json'), analysis)

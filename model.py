@@ -29,6 +29,7 @@ class ArchConfig:
     tau: float = 1.0           # softmax temperature of the scores
     token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/avg-pool tie (§12)
     token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)
+    key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation, off by default)
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -335,14 +336,17 @@ class MixedOp(nn.Module):
 
 class NodeAttention(nn.Module):
     """MIDAS's architecture parameters for one node: W_q on the node's concatenated pooled inputs,
-    W_k on each candidate's patch token (§3)."""
+    W_k on each candidate's patch token (§3). With key_offset, each of the node's n_keys live candidates also
+    has its own key offset o (k = W_k t + o, zero at the start): candidates whose tokens coincide (skip and
+    avg-pool, §12) can then still be told apart, by a term that depends on the input through q."""
 
-    def __init__(self, n_inputs, C, cfg):
+    def __init__(self, n_inputs, C, cfg, n_keys):
         super().__init__()
         token_dim = 2 * C if cfg.token == 'meanstd' else C
         self.cfg = cfg
         self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
         self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
+        self.key_offset = nn.Parameter(torch.zeros(n_keys, cfg.attn_dim)) if cfg.key_offset else None
 
     def tokens(self, maps, gh, gw):
         """Key tokens of K candidate maps -> K x B x gh x gw x C', layer-normalised with token_norm."""
@@ -356,8 +360,11 @@ class NodeAttention(nn.Module):
             z = F.layer_norm(z, z.shape[-1:])
         # <W_q z, W_k t> = <W_k^T W_q z, t>: the key projection is applied to the query once rather than to
         # all K candidate tokens (the same scores, a K-times smaller matrix product)
-        q = self.w_q(z) @ self.w_k.weight                                        # B gh gw C'
-        return (tokens * q).sum(-1) / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
+        q = self.w_q(z)                                                          # B gh gw d
+        scores = (tokens * (q @ self.w_k.weight)).sum(-1)                        # K B gh gw
+        if self.key_offset is not None:
+            scores = scores + (q @ self.key_offset.t()).permute(3, 0, 1, 2)
+        return scores / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
 
 
 _PAIR_TABLES = {}
@@ -414,7 +421,8 @@ class SearchCell(nn.Module):
                 stride = 2 if reduction and i < 2 and kind == 'darts' else 1
                 self._ops.append(MixedOp(C, stride, edge_ops[len(self._ops)], bn_after_pool=kind == 'darts'))
         self.attention = nn.ModuleList(
-            [NodeAttention(len(inputs), C, cfg) for _, inputs in self.nodes]) if cfg.method == 'midas' else None
+            [NodeAttention(len(inputs), C, cfg, len(inputs) * len(self._ops[0].live)) for _, inputs in self.nodes]
+        ) if cfg.method == 'midas' else None
         self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
 
     def forward(self, inputs, alpha=None, recorder=None, offset=None):

@@ -26,8 +26,8 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_c
                    save_checkpoint, seed_everything, setup_distributed, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
-CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'dataset',
-               'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
+CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'key_offset',
+               'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
                'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift',
                'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth']
 
@@ -49,6 +49,8 @@ def get_args(argv=None):
     p.add_argument('--token', default='meanstd', choices=['mean', 'meanstd'],
                    help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12)")
     p.add_argument('--token-norm', action=argparse.BooleanOptionalAction, default=True, help='LayerNorm on query/key tokens')
+    p.add_argument('--key-offset', action=argparse.BooleanOptionalAction, default=False,
+                   help='a learned offset on each candidate key (breaks ties of equal tokens; a deviation)')
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--arch-warmup', type=int, default=None,
                    help='epochs of weight steps only before architecture steps start (default 5 with '
@@ -100,7 +102,8 @@ def check_args(args):
     if args.topology is None:
         args.topology = args.method == 'midas' and space['kind'] == 'darts'
     cfg = ArchConfig(method=args.method, patch=args.patch, topology=args.topology, attn_dim=args.attn_dim,
-                     tau=args.tau, token=args.token, token_norm=args.token_norm)
+                     tau=args.tau, token=args.token, token_norm=args.token_norm,
+                     key_offset=args.key_offset)
     size = DATASETS[args.dataset]['size']
     if args.patch > size:
         raise RunError(f'--patch {args.patch} is larger than the {size}x{size} images; use 0 for global pooling')

@@ -242,6 +242,29 @@ def test_architecture_parameters_are_separate():
     assert [tuple(p.shape) for p in d.arch_parameters()] == [(14, 8), (14, 8)]
 
 
+def test_key_offset_starts_at_zero_and_separates_equal_tokens():
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(0)
+    plain = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False)).eval()
+    torch.manual_seed(0)
+    offset = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, key_offset=True)).eval()
+    keys = [p for n, p in offset.named_parameters() if n.endswith('key_offset')]
+    assert len(keys) == 3 * 3 and {tuple(p.shape) for p in keys} == {(4, 32), (8, 32), (12, 32)}  # E x 4 live ops
+    assert set(map(id, keys)) <= set(map(id, offset.arch_parameters()))
+    with torch.no_grad():
+        assert torch.equal(plain(x), offset(x))   # zero offsets: the same scores, bit for bit
+    # two candidates with the same token tie under W_k alone; their offsets tell them apart
+    att = offset.search_cells()[0].attention[0]   # node 1: one input, four live candidates
+    token = torch.randn(1, 2, 2, 2, 8).expand(4, 2, 2, 2, 8)
+    z = torch.randn(2, 4, 2, 2)
+    s = att(z, token)
+    assert torch.allclose(s[1], s[3])
+    with torch.no_grad():
+        att.key_offset[3].normal_()
+    s = att(z, token)
+    assert torch.allclose(s[0], s[1]) and not torch.allclose(s[1], s[3], atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding rules on hand-made tables
 
@@ -997,20 +1020,23 @@ def test_nb201_results_table(tmp_path):
     import analyze
     runs = []
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
-                                               ('midas', 80.0, 85.0)]):
+                                               ('midas', 80.0, 85.0), ('midas', 70.0, 75.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
-                'tau': 0.5 if k == 3 else 1.0}   # a different temperature is a different setting
+                'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
+                'key_offset': k == 4, 'epochs': 2, 'init_channels': 8, 'cells': 1, 'subset': 10000}
         (run / 'args.json').write_text(json.dumps(args))
         (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
                                                       {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
         (run / 'genotype.json').write_text(json.dumps({'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test}}))
         runs.append(str(run))
     text = analyze.nb201_results(runs)
-    assert '| midas patch 4 | 0,1 | 90.50 ± 0.50 | 93.50 ± 0.50 | 92.50 → 93.50 |' in text
-    assert '| darts | 2 | 88.00 | 91.00 | 90.00 → 91.00 |' in text
-    assert '| midas patch 4 tau 0.5 | 3 | 80.00 | 85.00 | 84.00 → 85.00 |' in text
+    budget = '2 ep, 8 ch, 1 cell/stage, 10k img'
+    assert f'| midas patch 4 | {budget} | 0,1 | 90.50 ± 0.50 | 93.50 ± 0.50 | 92.50 → 93.50 |' in text
+    assert f'| darts | {budget} | 2 | 88.00 | 91.00 | 90.00 → 91.00 |' in text
+    assert f'| midas patch 4 tau 0.5 | {budget} | 3 | 80.00 | 85.00 | 84.00 → 85.00 |' in text
+    assert f'| midas patch 4 key-offset | {budget} | 4 | 70.00 | 75.00 | 74.00 → 75.00 |' in text
 
 
 # ---------------------------------------------------------------------------------------------
