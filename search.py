@@ -30,6 +30,7 @@ CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token
                'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
                'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift',
                'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth']
+ADDED_KEYS = {'key_offset': False}  # flags newer than some checkpoints, with the value those were run with
 
 
 def get_args(argv=None):
@@ -359,7 +360,7 @@ def main(argv=None):
     resume_state = None
     if args.resume:
         args.save = args.resume
-        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, CONFIG_KEYS)
+        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, CONFIG_KEYS, ADDED_KEYS)
     elif args.save is None:
         args.save = os.path.join('runs', f"search-{args.space}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):

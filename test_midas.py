@@ -510,6 +510,14 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     _one_line_error(r, 'another configuration', 'space')
     r = run_script('search.py', '--data', cifar, '--save', save, '--space', 's2', *TINY)
     _one_line_error(r, '--resume')
+    # a checkpoint from before --key-offset existed resumes as the run it was (no offset), and only as that
+    ckpt = os.path.join(save, 'checkpoint.pt')
+    state = torch.load(ckpt, weights_only=False)
+    del state['config']['key_offset']
+    torch.save(state, ckpt)
+    r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', '--key-offset', *TINY)
+    _one_line_error(r, 'another configuration', 'key_offset')
+    search.main(['--data', cifar, '--resume', save, '--space', 's2', *TINY])
 
 
 # ---- analyze.py (issue 7) ----

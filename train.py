@@ -148,16 +148,17 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, config, keys):
+def load_checkpoint(path, config, keys, older=None):
     """Load a checkpoint and refuse one written by another configuration (the `keys` of config that
-    change the model or the data must match)."""
+    change the model or the data must match). older: {key: the value a checkpoint written before that
+    key existed was run with}, so such a checkpoint still resumes."""
     if not os.path.isfile(path):
         raise RunError(f"no checkpoint at '{path}' to resume from")
     try:
         state = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); delete it to start afresh") from None
-    saved = state.get('config', {})
+    saved = {**(older or {}), **state.get('config', {})}
     for k in keys:
         if saved.get(k) != config.get(k):
             raise RunError(f"checkpoint '{path}' is from another configuration: {k}={saved.get(k)!r}, "
