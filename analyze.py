@@ -537,18 +537,18 @@ SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'at
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False}  # runs older than a flag group with 'off'
 
 
+# MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
+MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-LN', 'tau': lambda v: f' tau {v:g}',
+                'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset'}
+
+
 def setting_name(s):
     name = s['method'] + (f" patch {s['patch']}" if s['method'] == 'midas' else '')
-    if s.get('token', 'meanstd') != 'meanstd' and s['method'] == 'midas':
-        name += f" token {s['token']}"
-    if s.get('token_norm') is False and s['method'] == 'midas':
-        name += ' no-LN'
-    if s.get('tau', 1.0) != 1.0 and s['method'] == 'midas':
-        name += f" tau {s['tau']:g}"
-    if s.get('attn_dim', 32) != 32 and s['method'] == 'midas':
-        name += f" attn-dim {s['attn_dim']}"
-    if s.get('key_offset') and s['method'] == 'midas':
-        name += ' key-offset'
+    if s['method'] == 'midas':
+        for key, label in MIDAS_LABELS.items():
+            default = getattr(ArchConfig, key)
+            if s.get(key, default) != default:
+                name += label(s[key])
     if s.get('arch_lr', 3e-4) != 3e-4:
         name += f" arch-lr {s['arch_lr']:g}"
     if s.get('mim'):
