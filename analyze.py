@@ -532,14 +532,16 @@ def run_genotype(run):
 # ---------------------------------------------------------------------------------------------
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
-SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset', 'mim', 'mean_shift',
-                'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
-SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False}  # runs older than a flag group with 'off'
+SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset',
+                'token_before_bn', 'mim', 'mean_shift', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
+# runs older than a flag group with 'off'
+SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False, 'token_before_bn': False}
 
 
 # MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
 MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-LN', 'tau': lambda v: f' tau {v:g}',
-                'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset'}
+                'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset',
+                'token_before_bn': lambda v: ' token before BN'}
 
 
 def setting_name(s):
@@ -672,8 +674,8 @@ def main(argv=None):
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
     analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
                 'settings': {k: settings.get(k) for k in ('space', 'method', 'patch', 'topology', 'token', 'token_norm',
-                                                          'key_offset', 'dataset', 'epochs', 'init_channels', 'layers', 'cells',
-                                                          'subset', 'seed')},
+                                                          'key_offset', 'token_before_bn', 'dataset', 'epochs',
+                                                          'init_channels', 'layers', 'cells', 'subset', 'seed')},
                 'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}
     write_json(os.path.join(out, 'analysis.json'), analysis)
     write_bytes(os.path.join(out, 'report.md'), report_markdown(analysis, diagrams, mosaics, genotype).encode())

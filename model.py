@@ -30,6 +30,7 @@ class ArchConfig:
     token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/avg-pool tie (§12)
     token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)
     key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation, off by default)
+    token_before_bn: bool = False  # tokens read from the input of a candidate's final BN, not its output (§12)
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -284,6 +285,23 @@ def strip_leading_relu(op):
     return False
 
 
+def forward_before_bn(op, x):
+    """(op(x), the input of op's final BatchNorm) - the second is op(x) itself for an op that ends in none (identity,
+    pools, 'noise'). A BN without affine parameters makes every conv's batch mean zero, which is also the 'none'
+    token; the map before it keeps what the convolution did to the mean (§12's third tie-breaker)."""
+    if isinstance(op, nn.BatchNorm2d):
+        return op(x), x
+    if isinstance(op, nn.Sequential) and len(op):
+        for module in list(op)[:-1]:
+            x = module(x)
+        return forward_before_bn(op[-1], x)
+    if isinstance(op, FactorizedReduce):
+        before = op.reduce(x)
+        return op.bn(before), before
+    y = op(x)
+    return y, y
+
+
 def live_index(live):
     """The candidate indices `live` as a slice when they are a contiguous run (always, in this project's
     spaces): slicing needs no index tensor, which on CUDA is a host-to-device copy that waits for the GPU."""
@@ -317,20 +335,22 @@ class MixedOp(nn.Module):
         self.pure = [self.primitives[j] != 'noise' and not any(True for _ in op.parameters())
                      for j, op in zip(self.live, self._ops)]
 
-    def forward(self, x, x_relu=None, shared=None):
+    def forward(self, x, x_relu=None, shared=None, before_bn=False):
         """x_relu: relu(x) if the caller has it (computed here otherwise). shared: a dict kept by the caller for
-        the state x, holding the parameter-free candidates' maps by name (None: compute every candidate)."""
+        the state x, holding the parameter-free candidates' maps by name (None: compute every candidate).
+        before_bn: each candidate gives the pair forward_before_bn(op, x) in place of its map."""
         if x_relu is None and self.uses_relu:
             x_relu = F.relu(x)
+        run = forward_before_bn if before_bn else (lambda op, inp: op(inp))
         outs = []
         for j, op, wants_relu, pure in zip(self.live, self._ops, self.wants_relu, self.pure):
             if pure and shared is not None:
                 name = self.primitives[j]
                 if name not in shared:
-                    shared[name] = op(x)
+                    shared[name] = run(op, x)
                 outs.append(shared[name])
             else:
-                outs.append(op(x_relu if wants_relu else x))
+                outs.append(run(op, x_relu if wants_relu else x))
         return outs
 
 
@@ -424,6 +444,7 @@ class SearchCell(nn.Module):
             [NodeAttention(len(inputs), C, cfg, len(inputs) * len(self._ops[0].live)) for _, inputs in self.nodes]
         ) if cfg.method == 'midas' else None
         self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
+        self.before_bn = cfg.token_before_bn and cfg.method == 'midas'
 
     def forward(self, inputs, alpha=None, recorder=None, offset=None):
         """offset: an E x J table added to the mixing weights (mean-shift sampling), or None."""
@@ -441,9 +462,13 @@ class SearchCell(nn.Module):
             for op, i in zip(edges, srcs):
                 if op.uses_relu and i not in relu:
                     relu[i] = F.relu(states[i])
-            outs = [op(states[i], relu.get(i), shared[i]) for op, i in zip(edges, srcs)]
+            outs = [op(states[i], relu.get(i), shared[i], self.before_bn) for op, i in zip(edges, srcs)]
             maps = [f for edge_outs in outs for f in edge_outs]
-            scores = self._scores(n, srcs, states, edges, maps, pooled, tokens, alpha, e0)     # E J B' gh gw
+            if self.before_bn:   # (map, the map its token is read from) pairs
+                maps, token_maps = [f for f, _ in maps], [t for _, t in maps]
+            else:
+                token_maps = maps
+            scores = self._scores(n, srcs, states, edges, token_maps, pooled, tokens, alpha, e0)  # E J B' gh gw
             w, gamma, pi = edge_weights(scores, self.live, self.topology)
             if offset is not None:
                 w = w + offset[e0:e0 + len(srcs)].view(*w.shape[:2], 1, 1, 1)
@@ -458,7 +483,8 @@ class SearchCell(nn.Module):
         return states[-1]
 
     def _scores(self, n, srcs, states, edges, maps, pooled, tokens, alpha, e0):
-        """E x J x B' x gh x gw scores of the node's edges, 'none' scored 0 (its token and so its key are 0)."""
+        """E x J x B' x gh x gw scores of the node's edges, 'none' scored 0 (its token and so its key are 0).
+        maps: the candidates' maps the tokens are read from."""
         if alpha is not None:  # static DARTS table: one row per edge, broadcast over batch and patches
             return alpha[e0:e0 + len(edges)].view(len(edges), -1, 1, 1, 1)
         h, w = maps[0].shape[-2:]

@@ -74,10 +74,14 @@ class FactorizedReduce(nn.Module):
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x):
+        return self.bn(self.reduce(x))
+
+    def reduce(self, x):
+        """Everything before the final BN."""
         x = self.relu(x)
         if x.shape[-1] % 2 or x.shape[-2] % 2:  # odd maps: pad so both grids give the same size
             x = nn.functional.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
+        return torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1)
 
 
 class Conv7x1x1x7(nn.Sequential):

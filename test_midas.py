@@ -265,6 +265,48 @@ def test_key_offset_starts_at_zero_and_separates_equal_tokens():
     assert torch.allclose(s[0], s[1]) and not torch.allclose(s[1], s[3], atol=1e-3)
 
 
+def test_token_before_bn_reads_the_input_of_each_candidates_final_bn():
+    from model import forward_before_bn
+    from ops import OPS
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    for name in OPS:
+        for stride in (1, 2):
+            op = OPS[name](4, stride, False).train()
+            bns = [m for m in op.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+            seen = []
+            if bns:
+                bns[-1].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+            torch.manual_seed(1)
+            y, before = forward_before_bn(op, x)
+            torch.manual_seed(1)   # 'noise' draws again
+            assert torch.equal(y, op(x)), name
+            assert before is (seen[0] if bns else y), name
+    # in a supernet: only the scores move (no parameter added, the same checkpoint layout); skip and
+    # avg-pool, which end in no BN, keep their tokens, the convs do not
+    # (training mode: BN by batch statistics; fresh running ones, in eval mode, are nearly the identity)
+    torch.manual_seed(0)
+    after = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False))
+    torch.manual_seed(0)
+    before = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, token_before_bn=True))
+    assert after.state_dict().keys() == before.state_dict().keys()
+    weights = {}
+    for net in (after, before):
+        seen = []
+        with torch.no_grad():
+            net(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)),
+                recorder=lambda cell, n, w, gamma, pi: seen.append(torch.stack(w)))
+        weights[net is before] = seen[0]   # node 1 of the first cell: E x B x J x gh x gw
+    ops = G.SPACES['nb201']['normal'][0]
+    convs = [ops.index('nor_conv_1x1'), ops.index('nor_conv_3x3')]
+    others = [ops.index('skip_connect'), ops.index('avg_pool_3x3')]
+    # softmax weights shift everywhere when some scores change; their ratios do not where the scores are equal
+    ratio = {k: w[:, :, others[0]] / w[:, :, others[1]] for k, w in weights.items()}
+    assert torch.allclose(ratio[False], ratio[True], atol=1e-5)
+    conv_ratio = {k: w[:, :, convs[0]] / w[:, :, convs[1]] for k, w in weights.items()}
+    assert not torch.allclose(conv_ratio[False], conv_ratio[True], atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Decoding rules on hand-made tables
 
@@ -510,13 +552,16 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     _one_line_error(r, 'another configuration', 'space')
     r = run_script('search.py', '--data', cifar, '--save', save, '--space', 's2', *TINY)
     _one_line_error(r, '--resume')
-    # a checkpoint from before --key-offset existed resumes as the run it was (no offset), and only as that
+    # a checkpoint from before --key-offset and --token-before-bn existed resumes as the run it was (neither),
+    # and only as that
     ckpt = os.path.join(save, 'checkpoint.pt')
     state = torch.load(ckpt, weights_only=False)
-    del state['config']['key_offset']
+    for key in search.ADDED_KEYS:
+        del state['config'][key]
     torch.save(state, ckpt)
-    r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', '--key-offset', *TINY)
-    _one_line_error(r, 'another configuration', 'key_offset')
+    for flag in ('--key-offset', '--token-before-bn'):
+        r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', flag, *TINY)
+        _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *TINY])
 
 
@@ -1028,12 +1073,12 @@ def test_nb201_results_table(tmp_path):
     import analyze
     runs = []
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
-                                               ('midas', 80.0, 85.0), ('midas', 70.0, 75.0)]):
+                                               ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
                 'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
-                'key_offset': k == 4, 'epochs': 2, 'init_channels': 8, 'cells': 1, 'subset': 10000}
+                'key_offset': k == 4, 'token_before_bn': k == 5, 'epochs': 2, 'init_channels': 8, 'cells': 1, 'subset': 10000}
         (run / 'args.json').write_text(json.dumps(args))
         (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
                                                       {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
@@ -1045,6 +1090,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| darts | {budget} | 2 | 88.00 | 91.00 | 90.00 → 91.00 |' in text
     assert f'| midas patch 4 tau 0.5 | {budget} | 3 | 80.00 | 85.00 | 84.00 → 85.00 |' in text
     assert f'| midas patch 4 key-offset | {budget} | 4 | 70.00 | 75.00 | 74.00 → 75.00 |' in text
+    assert f'| midas patch 4 token before BN | {budget} | 5 | 60.00 | 65.00 | 64.00 → 65.00 |' in text
 
 
 # ---------------------------------------------------------------------------------------------
