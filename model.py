@@ -30,7 +30,7 @@ class ArchConfig:
     token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/avg-pool tie (§12)
     token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)
     key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation, off by default)
-    token_before_bn: bool = False  # tokens read from the input of a candidate's final BN, not its output (§12)
+    token_before_bn: bool = False  # tokens from the input of a candidate's final BN, not its output (§12)
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -286,8 +286,8 @@ def strip_leading_relu(op):
 
 
 def forward_before_bn(op, x):
-    """(op(x), the input of op's final BatchNorm) - the second is op(x) itself for an op that ends in none (identity,
-    pools, 'noise'). A BN without affine parameters makes every conv's batch mean zero, which is also the 'none'
+    """(op(x), the input of op's final BatchNorm) - the second is op(x) itself for an op without one (identity,
+    NB201's pools, 'noise'). A BN without affine parameters makes every conv's batch mean zero, which is also the 'none'
     token; the map before it keeps what the convolution did to the mean (§12's third tie-breaker)."""
     if isinstance(op, nn.BatchNorm2d):
         return op(x), x
