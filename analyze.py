@@ -673,9 +673,7 @@ def main(argv=None):
     genotype = run_genotype(args.run)
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
     analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
-                'settings': {k: settings.get(k) for k in ('space', 'method', 'patch', 'topology', 'token', 'token_norm',
-                                                          'key_offset', 'token_before_bn', 'dataset', 'epochs',
-                                                          'init_channels', 'layers', 'cells', 'subset', 'seed')},
+                'settings': {k: settings.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed')},
                 'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}
     write_json(os.path.join(out, 'analysis.json'), analysis)
     write_bytes(os.path.join(out, 'report.md'), report_markdown(analysis, diagrams, mosaics, genotype).encode())
