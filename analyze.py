@@ -533,15 +533,16 @@ def run_genotype(run):
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset',
-                'token_before_bn', 'mim', 'mean_shift', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
+                'token_before_bn', 'score_bias', 'mim', 'mean_shift', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
 # runs older than a flag group with 'off'
-SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False, 'token_before_bn': False}
+SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False, 'token_before_bn': False,
+               'score_bias': False}
 
 
 # MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
 MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-LN', 'tau': lambda v: f' tau {v:g}',
                 'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset',
-                'token_before_bn': lambda v: ' token before BN'}
+                'token_before_bn': lambda v: ' token before BN', 'score_bias': lambda v: ' score-bias'}
 
 
 def setting_name(s):

@@ -31,6 +31,7 @@ class ArchConfig:
     token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)
     key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation, off by default)
     token_before_bn: bool = False  # tokens from the input of a candidate's final BN, not its output (§12)
+    score_bias: bool = False   # a learned scalar on each live candidate's score: an alpha inside MIDAS (a deviation)
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -358,7 +359,9 @@ class NodeAttention(nn.Module):
     """MIDAS's architecture parameters for one node: W_q on the node's concatenated pooled inputs,
     W_k on each candidate's patch token (§3). With key_offset, each of the node's n_keys live candidates also
     has its own key offset o (k = W_k t + o, zero at the start): candidates whose tokens coincide (skip and
-    avg-pool, §12) can then still be told apart, by a term that depends on the input through q."""
+    avg-pool, §12) can then still be told apart, by a term that depends on the input through q. With score_bias,
+    each also has a scalar b added to its score, the same for every input and patch: a static DARTS alpha per
+    node, so the tie can be broken by the gradient that breaks it in DARTS."""
 
     def __init__(self, n_inputs, C, cfg, n_keys):
         super().__init__()
@@ -367,6 +370,7 @@ class NodeAttention(nn.Module):
         self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
         self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
         self.key_offset = nn.Parameter(torch.zeros(n_keys, cfg.attn_dim)) if cfg.key_offset else None
+        self.score_bias = nn.Parameter(torch.zeros(n_keys, 1, 1, 1)) if cfg.score_bias else None
 
     def tokens(self, maps, gh, gw):
         """Key tokens of K candidate maps -> K x B x gh x gw x C', layer-normalised with token_norm."""
@@ -384,6 +388,8 @@ class NodeAttention(nn.Module):
         scores = (tokens * (q @ self.w_k.weight)).sum(-1)                        # K B gh gw
         if self.key_offset is not None:
             scores = scores + (q @ self.key_offset.t()).permute(3, 0, 1, 2)
+        if self.score_bias is not None:   # times sqrt(d): b is in logit units, as DARTS's alpha
+            scores = scores + self.score_bias * math.sqrt(self.cfg.attn_dim)
         return scores / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
 
 

@@ -27,12 +27,12 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_c
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'key_offset',
-               'token_before_bn', 'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed',
+               'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed',
                'batch_size', 'epochs',
                'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift',
                'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth']
 # flags newer than some checkpoints, with the value those were run with
-ADDED_KEYS = {'key_offset': False, 'token_before_bn': False}
+ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False}
 
 
 def get_args(argv=None):
@@ -56,6 +56,8 @@ def get_args(argv=None):
                    help='a learned offset on each candidate key (breaks ties of equal tokens; a deviation)')
     p.add_argument('--token-before-bn', action=argparse.BooleanOptionalAction, default=False,
                    help="read each candidate's token before its final BN (keeps the convs' batch mean, §12)")
+    p.add_argument('--score-bias', action=argparse.BooleanOptionalAction, default=False,
+                   help="a learned scalar on each candidate's score, per node: DARTS's alpha inside MIDAS (a deviation)")
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--arch-warmup', type=int, default=None,
                    help='epochs of weight steps only before architecture steps start (default 5 with '
@@ -108,7 +110,8 @@ def check_args(args):
         args.topology = args.method == 'midas' and space['kind'] == 'darts'
     cfg = ArchConfig(method=args.method, patch=args.patch, topology=args.topology, attn_dim=args.attn_dim,
                      tau=args.tau, token=args.token, token_norm=args.token_norm,
-                     key_offset=args.key_offset, token_before_bn=args.token_before_bn)
+                     key_offset=args.key_offset, token_before_bn=args.token_before_bn,
+                     score_bias=args.score_bias)
     size = DATASETS[args.dataset]['size']
     if args.patch > size:
         raise RunError(f'--patch {args.patch} is larger than the {size}x{size} images; use 0 for global pooling')

@@ -265,6 +265,27 @@ def test_key_offset_starts_at_zero_and_separates_equal_tokens():
     assert torch.allclose(s[0], s[1]) and not torch.allclose(s[1], s[3], atol=1e-3)
 
 
+def test_score_bias_starts_at_zero_and_shifts_scores_alike_for_every_input():
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(0)
+    plain = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, tau=0.5)).eval()
+    torch.manual_seed(0)
+    biased = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, score_bias=True, tau=0.5)).eval()
+    bias = [p for n, p in biased.named_parameters() if n.endswith('score_bias')]
+    assert [p.numel() for p in bias] == [4, 8, 12] * 3 and set(map(id, bias)) <= set(map(id, biased.arch_parameters()))
+    with torch.no_grad():
+        assert torch.equal(plain(x), biased(x))   # zero biases: the same scores, bit for bit
+    att = biased.search_cells()[0].attention[0]
+    token = torch.randn(1, 2, 2, 2, 8).expand(4, 2, 2, 2, 8)   # four candidates with one token
+    z = torch.randn(2, 4, 2, 2)
+    with torch.no_grad():
+        att.score_bias[3] = 0.7
+    s = att(z, token)
+    assert torch.allclose(s[1], s[2])
+    # in logit units over tau, whatever the input and patch: a static alpha
+    assert torch.allclose(s[3] - s[1], torch.full_like(s[1], 0.7 / 0.5), atol=1e-5)
+
+
 def test_token_before_bn_reads_the_input_of_each_candidates_final_bn():
     from model import forward_before_bn
     from ops import OPS
@@ -552,14 +573,14 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     _one_line_error(r, 'another configuration', 'space')
     r = run_script('search.py', '--data', cifar, '--save', save, '--space', 's2', *TINY)
     _one_line_error(r, '--resume')
-    # a checkpoint from before --key-offset and --token-before-bn existed resumes as the run it was (neither),
-    # and only as that
+    # a checkpoint from before --key-offset, --token-before-bn and --score-bias existed resumes as the run it
+    # was (none of them), and only as that
     ckpt = os.path.join(save, 'checkpoint.pt')
     state = torch.load(ckpt, weights_only=False)
     for key in search.ADDED_KEYS:
         del state['config'][key]
     torch.save(state, ckpt)
-    for flag in ('--key-offset', '--token-before-bn'):
+    for flag in ('--key-offset', '--token-before-bn', '--score-bias'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *TINY])
@@ -1073,12 +1094,13 @@ def test_nb201_results_table(tmp_path):
     import analyze
     runs = []
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
-                                               ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0)]):
+                                               ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0),
+                                               ('midas', 50.0, 55.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
                 'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
-                'key_offset': k == 4, 'token_before_bn': k == 5, 'epochs': 2, 'init_channels': 8, 'cells': 1, 'subset': 10000}
+                'key_offset': k == 4, 'token_before_bn': k == 5, 'score_bias': k == 6, 'epochs': 2, 'init_channels': 8, 'cells': 1, 'subset': 10000}
         (run / 'args.json').write_text(json.dumps(args))
         (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
                                                       {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
@@ -1091,6 +1113,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 tau 0.5 | {budget} | 3 | 80.00 | 85.00 | 84.00 → 85.00 |' in text
     assert f'| midas patch 4 key-offset | {budget} | 4 | 70.00 | 75.00 | 74.00 → 75.00 |' in text
     assert f'| midas patch 4 token before BN | {budget} | 5 | 60.00 | 65.00 | 64.00 → 65.00 |' in text
+    assert f'| midas patch 4 score-bias | {budget} | 6 | 50.00 | 55.00 | 54.00 → 55.00 |' in text
 
 
 # ---------------------------------------------------------------------------------------------
