@@ -533,7 +533,8 @@ def run_genotype(run):
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset',
-                'token_before_bn', 'score_bias', 'mim', 'mean_shift', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
+                'token_before_bn', 'score_bias', 'mim', 'mean_shift', 'unrolled', 'arch_lr', 'epochs', 'init_channels',
+                'cells', 'subset', 'dataset')
 # runs older than a flag group with 'off'
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False, 'token_before_bn': False,
                'score_bias': False}

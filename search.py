@@ -10,6 +10,7 @@ genotype.json, weights.json (the averaged weights it was decoded from, with marg
 """
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -27,10 +28,9 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_c
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'key_offset',
-               'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed',
-               'batch_size', 'epochs',
-               'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift',
-               'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth']
+               'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset',
+               'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup',
+               'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth']
 # flags newer than some checkpoints, with the value those were run with
 ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False}
 
@@ -108,10 +108,7 @@ def check_args(args):
     space = get_space(args.space)
     if args.topology is None:
         args.topology = args.method == 'midas' and space['kind'] == 'darts'
-    cfg = ArchConfig(method=args.method, patch=args.patch, topology=args.topology, attn_dim=args.attn_dim,
-                     tau=args.tau, token=args.token, token_norm=args.token_norm,
-                     key_offset=args.key_offset, token_before_bn=args.token_before_bn,
-                     score_bias=args.score_bias)
+    cfg = ArchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ArchConfig)})  # one flag each
     size = DATASETS[args.dataset]['size']
     if args.patch > size:
         raise RunError(f'--patch {args.patch} is larger than the {size}x{size} images; use 0 for global pooling')
