@@ -533,8 +533,8 @@ def run_genotype(run):
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset',
-                'token_before_bn', 'score_bias', 'mim', 'mean_shift', 'unrolled', 'arch_lr', 'epochs', 'init_channels',
-                'cells', 'subset', 'dataset')
+                'token_before_bn', 'score_bias', 'mim', 'mean_shift', 'arch_warmup', 'unrolled', 'arch_lr', 'epochs',
+                'init_channels', 'cells', 'subset', 'dataset')
 # runs older than a flag group with 'off'
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False, 'token_before_bn': False,
                'score_bias': False}
@@ -559,7 +559,14 @@ def setting_name(s):
         name += f" + mim {s['mim']:g}"
     if s.get('mean_shift'):
         name += ' + mean-shift'
+    if s.get('arch_warmup') not in (None, default_warmup(s)):
+        name += f" arch-warmup {s['arch_warmup']}"
     return name
+
+
+def default_warmup(s):
+    """search.py's --arch-warmup when not given: 5 epochs with mean-shift, else none."""
+    return 5 if s.get('mean_shift') else 0
 
 
 def budget_name(s):
@@ -585,7 +592,8 @@ def nb201_results(runs):
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        key = tuple(settings.get(k, SETTING_OFF.get(k)) for k in SETTING_KEYS)
+        key = tuple(settings.get(k, SETTING_OFF.get(k, default_warmup(settings) if k == 'arch_warmup' else None))
+                    for k in SETTING_KEYS)
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     rows = []
     for g in groups.values():

@@ -1095,12 +1095,15 @@ def test_nb201_results_table(tmp_path):
     runs = []
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
                                                ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0),
-                                               ('midas', 50.0, 55.0)]):
+                                               ('midas', 50.0, 55.0), ('midas', 40.0, 45.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
                 'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
-                'key_offset': k == 4, 'token_before_bn': k == 5, 'score_bias': k == 6, 'epochs': 2, 'init_channels': 8, 'cells': 1, 'subset': 10000}
+                'key_offset': k == 4, 'token_before_bn': k == 5, 'score_bias': k == 6, 'epochs': 2, 'init_channels': 8,
+                'cells': 1, 'subset': 10000}
+        if k != 1:   # runs older than the flag have no 'arch_warmup': they had none, and group with 0
+            args['arch_warmup'] = 5 if k == 7 else 0
         (run / 'args.json').write_text(json.dumps(args))
         (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
                                                       {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
@@ -1114,6 +1117,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 key-offset | {budget} | 4 | 70.00 | 75.00 | 74.00 → 75.00 |' in text
     assert f'| midas patch 4 token before BN | {budget} | 5 | 60.00 | 65.00 | 64.00 → 65.00 |' in text
     assert f'| midas patch 4 score-bias | {budget} | 6 | 50.00 | 55.00 | 54.00 → 55.00 |' in text
+    assert f'| midas patch 4 arch-warmup 5 | {budget} | 7 | 40.00 | 45.00 | 44.00 → 45.00 |' in text
 
 
 # ---------------------------------------------------------------------------------------------
