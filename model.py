@@ -25,7 +25,7 @@ class ArchConfig:
     method: str = 'midas'      # 'midas' (attention) or 'darts' (static alpha)
     patch: int = 4             # patch side in pixels at the node's resolution; 0 = global pooling
     topology: bool = True      # parameter-free pair-of-edges node (§5); DARTS-style spaces only
-    attn_dim: int = 32         # d, the query/key dimension
+    attn_dim: int = 16         # d, the query/key dimension (16: best NB201 valid column of 16, 32, 64; README)
     tau: float = 1.0           # softmax temperature of the scores
     token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/avg-pool tie (§12)
     token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)

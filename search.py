@@ -47,7 +47,7 @@ def get_args(argv=None):
     p.add_argument('--patch', type=int, default=4, help='patch side in pixels; 0 = global pooling')
     p.add_argument('--topology', action=argparse.BooleanOptionalAction, default=None,
                    help='pair-of-edges node (default: on for midas, off for darts; never for nb201)')
-    p.add_argument('--attn-dim', type=int, default=32)
+    p.add_argument('--attn-dim', type=int, default=16)
     p.add_argument('--tau', type=float, default=1.0)
     p.add_argument('--token', default='meanstd', choices=['mean', 'meanstd'],
                    help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12)")

@@ -249,7 +249,8 @@ def test_key_offset_starts_at_zero_and_separates_equal_tokens():
     torch.manual_seed(0)
     offset = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, key_offset=True)).eval()
     keys = [p for n, p in offset.named_parameters() if n.endswith('key_offset')]
-    assert len(keys) == 3 * 3 and {tuple(p.shape) for p in keys} == {(4, 32), (8, 32), (12, 32)}  # E x 4 live ops
+    d = ArchConfig().attn_dim
+    assert len(keys) == 3 * 3 and {tuple(p.shape) for p in keys} == {(4, d), (8, d), (12, d)}  # E x 4 live ops
     assert set(map(id, keys)) <= set(map(id, offset.arch_parameters()))
     with torch.no_grad():
         assert torch.equal(plain(x), offset(x))   # zero offsets: the same scores, bit for bit
