@@ -535,9 +535,9 @@ def run_genotype(run):
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset',
                 'token_before_bn', 'score_bias', 'mim', 'mean_shift', 'arch_warmup', 'unrolled', 'arch_lr', 'epochs',
                 'init_channels', 'cells', 'subset', 'dataset')
-# runs older than a flag group with 'off'
-SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'unrolled': False, 'key_offset': False, 'token_before_bn': False,
-               'score_bias': False}
+# runs older than a flag group with 'off' (mean-shift and the warm-up came together: older runs had neither)
+SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
+               'token_before_bn': False, 'score_bias': False}
 
 
 # MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
@@ -592,8 +592,7 @@ def nb201_results(runs):
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        key = tuple(settings.get(k, SETTING_OFF.get(k, default_warmup(settings) if k == 'arch_warmup' else None))
-                    for k in SETTING_KEYS)
+        key = tuple(settings.get(k, SETTING_OFF.get(k)) for k in SETTING_KEYS)
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     rows = []
     for g in groups.values():
