@@ -43,20 +43,22 @@ def get_args(argv=None):
                    help='fetch CIFAR from its official URL when absent from --data')
     p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120'])
     p.add_argument('--space', default='darts', help='darts, s1, s2, s3, s4 or nb201')
-    p.add_argument('--method', default='midas', help='midas (attention) or darts (static alpha)')
-    p.add_argument('--patch', type=int, default=4, help='patch side in pixels; 0 = global pooling')
+    # the MIDAS flags default to ArchConfig's fields, which check_args turns them back into
+    p.add_argument('--method', default=ArchConfig.method, help='midas (attention) or darts (static alpha)')
+    p.add_argument('--patch', type=int, default=ArchConfig.patch, help='patch side in pixels; 0 = global pooling')
     p.add_argument('--topology', action=argparse.BooleanOptionalAction, default=None,
                    help='pair-of-edges node (default: on for midas, off for darts; never for nb201)')
-    p.add_argument('--attn-dim', type=int, default=16)
-    p.add_argument('--tau', type=float, default=1.0)
-    p.add_argument('--token', default='meanstd', choices=['mean', 'meanstd'],
+    p.add_argument('--attn-dim', type=int, default=ArchConfig.attn_dim)
+    p.add_argument('--tau', type=float, default=ArchConfig.tau)
+    p.add_argument('--token', default=ArchConfig.token, choices=['mean', 'meanstd'],
                    help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12)")
-    p.add_argument('--token-norm', action=argparse.BooleanOptionalAction, default=True, help='LayerNorm on query/key tokens')
-    p.add_argument('--key-offset', action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument('--token-norm', action=argparse.BooleanOptionalAction, default=ArchConfig.token_norm,
+                   help='LayerNorm on query/key tokens')
+    p.add_argument('--key-offset', action=argparse.BooleanOptionalAction, default=ArchConfig.key_offset,
                    help='a learned offset on each candidate key (breaks ties of equal tokens; a deviation)')
-    p.add_argument('--token-before-bn', action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument('--token-before-bn', action=argparse.BooleanOptionalAction, default=ArchConfig.token_before_bn,
                    help="read each candidate's token before its final BN (keeps the convs' batch mean, §12)")
-    p.add_argument('--score-bias', action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument('--score-bias', action=argparse.BooleanOptionalAction, default=ArchConfig.score_bias,
                    help="a learned scalar on each candidate's score, per node: DARTS's alpha inside MIDAS (a deviation)")
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--arch-warmup', type=int, default=None,
