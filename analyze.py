@@ -533,11 +533,11 @@ def run_genotype(run):
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset',
-                'token_before_bn', 'score_bias', 'mim', 'mean_shift', 'arch_warmup', 'unrolled', 'arch_lr', 'epochs',
-                'init_channels', 'cells', 'subset', 'dataset')
+                'token_before_bn', 'score_bias', 'detach_mixing', 'mim', 'mean_shift', 'arch_warmup', 'unrolled',
+                'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
 # runs older than a flag group with 'off' (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
-               'token_before_bn': False, 'score_bias': False}
+               'token_before_bn': False, 'score_bias': False, 'detach_mixing': False}
 
 
 # MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
@@ -559,6 +559,8 @@ def setting_name(s):
         name += f" + mim {s['mim']:g}"
     if s.get('mean_shift'):
         name += ' + mean-shift'
+    if s.get('detach_mixing') and s['method'] == 'midas':   # for darts the same step (alpha is constant there)
+        name += ' detach-mixing'
     if s.get('arch_warmup') not in (None, default_warmup(s)):
         name += f" arch-warmup {s['arch_warmup']}"
     return name

@@ -54,6 +54,8 @@ def get_args(argv=None):
     p.add_argument('--patch', type=int, default=4, help='MIDAS patch side; 0 = global pooling')
     p.add_argument('--token', default='meanstd', choices=['mean', 'meanstd'], help="MIDAS's patch token")
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
+    p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=None,
+                   help="search.py's --detach-mixing (default: search.py's)")
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s own)')
     p.add_argument('--iters', type=int, default=10, help='timed iterations per method')
     p.add_argument('--warmup', type=int, default=3, help='untimed iterations per method first')
@@ -149,6 +151,8 @@ def search_args(args, method, device):
             '--batch-size', str(args.batch_size), '--device', str(device), '--amp', args.amp]
     if args.unrolled:
         argv.append('--unrolled')
+    if args.detach_mixing is not None:
+        argv.append('--detach-mixing' if args.detach_mixing else '--no-detach-mixing')
     if args.compile:
         argv.append('--compile')
     sargs = search.get_args(argv)
@@ -191,8 +195,9 @@ class SearchBench:
             s.unrolled_arch_step(self.forward, self.arch_params, self.weights, self.arch_opt, self.w_opt,
                                  (x_val, y_val), (x_tr, y_tr), self.lr, a, 1, self.autocast)
         else:
-            s.arch_step(self.forward, self.arch_params, self.arch_opt, x_val, y_val, 1, self.autocast)
-        s.weight_step(self.forward, self.weights, self.w_opt, x_tr, y_tr, a.grad_clip, 1, self.autocast)
+            s.arch_step(self.forward, self.arch_params, self.arch_opt, x_val, y_val, 1, self.autocast, self.weights)
+        s.weight_step(self.forward, self.weights, self.w_opt, x_tr, y_tr, a.grad_clip, 1, self.autocast,
+                      arch_params=self.arch_params, detach_mixing=a.detach_mixing)
 
 
 def bench_search(args, device):
@@ -324,7 +329,8 @@ def main(argv=None):
            'space': args.space, 'init_channels': args.init_channels, 'layers': args.layers, 'cells': args.cells,
            'batch_size': args.batch_size, 'patch': args.patch, 'token': args.token, 'unrolled': args.unrolled,
            'amp': args.amp, 'compile': args.compile, 'channels_last': channels_last(device, args),
-           'iters': args.iters, 'warmup': args.warmup}
+           'iters': args.iters, 'warmup': args.warmup,
+           'detach_mixing': search_args(args, 'midas', device)[0].detach_mixing}
     rows = []
     if 'search' not in args.skip:
         times = bench_search(args, device)
@@ -369,7 +375,8 @@ def main(argv=None):
           f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, "
           f"{args.layers if args.space != 'nb201' else args.cells} {'cells' if args.space != 'nb201' else 'cells/stage'}, "
           f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
-          f"{'second' if args.unrolled else 'first'} order, amp {args.amp}, compile {args.compile}, "
+          f"{'second' if args.unrolled else 'first'} order, detach-mixing {res['detach_mixing']}, amp {args.amp}, "
+          f"compile {args.compile}, "
           f"channels_last {res['channels_last']}; medians of {args.iters} after {args.warmup} warm-up")
     width = max((len(r[0]) for r in rows), default=10)
     for r in rows:

@@ -152,9 +152,11 @@ class _PatchTokens(torch.autograd.Function):
         grads = []
         if ctx.rows:  # a + f b over (pw C) runs, the runs of all K maps made at once
             a, b = _pw_runs(a, pw), _pw_runs(b, pw)
-        for f, ak, bk in zip(maps, a, b):
+        for f, ak, bk, needed in zip(maps, a, b, ctx.needs_input_grad[1:]):
             v = _patches(f, *token.shape[2:4])
-            if v is None:
+            if not needed:
+                grads.append(None)
+            elif v is None:
                 up = lambda g: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f, ctx.kernel, ctx.kernel,
                                                                   (0, 0), False, True, None) * (ph * pw)
                 grads.append(torch.addcmul(up(ak), f, up(bk)))
@@ -452,8 +454,9 @@ class SearchCell(nn.Module):
         self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
         self.before_bn = cfg.token_before_bn and cfg.method == 'midas'
 
-    def forward(self, inputs, alpha=None, recorder=None, offset=None):
-        """offset: an E x J table added to the mixing weights (mean-shift sampling), or None."""
+    def forward(self, inputs, alpha=None, recorder=None, offset=None, detach_mixing=False):
+        """offset: an E x J table added to the mixing weights (mean-shift sampling), or None. detach_mixing:
+        the mixing weights are made without a graph, constants to the backward (as alpha is to DARTS's weights)."""
         if self.kind == 'darts':
             states = [self.preprocess0(inputs[0]), self.preprocess1(inputs[1])]
         else:
@@ -474,8 +477,9 @@ class SearchCell(nn.Module):
                 maps, token_maps = [f for f, _ in maps], [t for _, t in maps]
             else:
                 token_maps = maps
-            scores = self._scores(n, srcs, states, edges, token_maps, pooled, tokens, alpha, e0)  # E J B' gh gw
-            w, gamma, pi = edge_weights(scores, self.live, self.topology)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_mixing):
+                scores = self._scores(n, srcs, states, edges, token_maps, pooled, tokens, alpha, e0)  # E J B' gh gw
+                w, gamma, pi = edge_weights(scores, self.live, self.topology)
             if offset is not None:
                 w = w + offset[e0:e0 + len(srcs)].view(*w.shape[:2], 1, 1, 1)
             if recorder is not None:
@@ -599,15 +603,16 @@ class SearchNetwork(nn.Module):
     def cell_type(self, cell):
         return 'reduce' if cell.reduction else 'normal'
 
-    def forward(self, x, recorder=None, features=False):
-        """-> logits, or (logits, the last feature map) with features=True (masked image modelling)."""
+    def forward(self, x, recorder=None, features=False, detach_mixing=False):
+        """-> logits, or (logits, the last feature map) with features=True (masked image modelling).
+        detach_mixing: no gradient flows through the mixing weights (search.py's --detach-mixing)."""
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             if isinstance(cell, SearchCell):
                 cell_type = self.cell_type(cell)
                 alpha = self.alphas[cell_type] if self.alphas is not None else None
                 offset = self.mix_offset[cell_type] if self.mix_offset is not None else None
-                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset)
+                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset, detach_mixing)
             else:
                 s0, s1 = s1, cell(s1)
         fmap = self.lastact(s1)

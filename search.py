@@ -9,6 +9,7 @@ Writes into the run folder: log.txt, args.json, history.json (the genotype decod
 genotype.json, weights.json (the averaged weights it was decoded from, with margins), checkpoint.pt.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -30,9 +31,10 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_c
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'key_offset',
                'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset',
                'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup',
-               'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth']
+               'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
+               'detach_mixing']
 # flags newer than some checkpoints, with the value those were run with
-ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False}
+ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False, 'detach_mixing': False}
 
 
 def get_args(argv=None):
@@ -60,6 +62,9 @@ def get_args(argv=None):
                    help="read each candidate's token before its final BN (keeps the convs' batch mean, §12)")
     p.add_argument('--score-bias', action=argparse.BooleanOptionalAction, default=ArchConfig.score_bias,
                    help="a learned scalar on each candidate's score, per node: DARTS's alpha inside MIDAS (a deviation)")
+    p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
+                   help="weight step: the mixing weights are constants, as DARTS's alpha; MIDAS's operations are then "
+                        "not trained to steer the attention on the weights' split (a deviation)")
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--arch-warmup', type=int, default=None,
                    help='epochs of weight steps only before architecture steps start (default 5 with '
@@ -188,13 +193,30 @@ def build_search(args, cfg, num_classes, device, channels_last=None):
 # ---------------------------------------------------------------------------------------------
 # One search iteration: an architecture step on a search-val batch, then a weight step (§7)
 
-def arch_step(model, arch_params, arch_opt, x, y, world, autocast):
+@contextlib.contextmanager
+def frozen(params):
+    """requires_grad off for params inside the block. autograd.grad and backward(inputs=...) already skip
+    the gradients nobody asked for in PyTorch's own ops, but the graph is still recorded for them and a
+    custom Function's backward computes every input gradient it was told is required: DARTS's weight step
+    would form the mixing weights' gradient (a pass over every candidate map) only to drop it."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def arch_step(model, arch_params, arch_opt, x, y, world, autocast, weights=()):
+    """weights: the network's weights, held constant (frozen) for this step."""
     arch_opt.zero_grad(set_to_none=True)
-    with autocast():
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-    # Gradients for the architecture parameters only: the weights' gradients are never computed.
-    grads = torch.autograd.grad(loss, arch_params)
+    with frozen(weights):
+        with autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        grads = torch.autograd.grad(loss, arch_params)  # the architecture parameters' gradients only
     for p, g in zip(arch_params, grads):
         p.grad = g
     all_reduce_mean(grads, world)
@@ -202,20 +224,25 @@ def arch_step(model, arch_params, arch_opt, x, y, world, autocast):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=None):
+def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=None, arch_params=(),
+                detach_mixing=False):
     """mim: (decoder, loss weight, mask ratio, mask patch) adds masked image modelling (alpha-DARTS):
-    the supernet sees the masked images and the decoder recovers the masked pixels from its features."""
+    the supernet sees the masked images and the decoder recovers the masked pixels from its features.
+    arch_params: held constant (frozen) for this step. MIDAS's weights still get the gradient through the
+    attention (the mixing weights are functions of the candidate maps) unless detach_mixing; only W_q, W_k's
+    own is skipped."""
     w_opt.zero_grad(set_to_none=True)
-    with autocast():
-        if mim is None:
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        else:
-            decoder, mim_weight, ratio, patch = mim
-            masked, mask = mask_patches(x, ratio, patch)
-            logits, fmap = model(masked, features=True)
-            loss = F.cross_entropy(logits, y) + mim_weight * mim_loss(decoder(fmap).float(), x, mask)
-    loss.backward(inputs=weights)  # the architecture parameters get no gradient here
+    with frozen(arch_params):
+        with autocast():
+            if mim is None:
+                logits = model(x, detach_mixing=detach_mixing)
+                loss = F.cross_entropy(logits, y)
+            else:
+                decoder, mim_weight, ratio, patch = mim
+                masked, mask = mask_patches(x, ratio, patch)
+                logits, fmap = model(masked, features=True, detach_mixing=detach_mixing)
+                loss = F.cross_entropy(logits, y) + mim_weight * mim_loss(decoder(fmap).float(), x, mask)
+        loss.backward(inputs=weights)  # the architecture parameters get no gradient here
     all_reduce_mean([p.grad for p in weights], world)
     torch.nn.utils.clip_grad_norm_(weights, grad_clip)
     w_opt.step()
@@ -258,7 +285,8 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
         with autocast():
             return F.cross_entropy(model(x_tr), y_tr)
 
-    g_train = torch.autograd.grad(train_loss(), weights)
+    with frozen(arch_params):
+        g_train = torch.autograd.grad(train_loss(), weights)
     all_reduce_mean(list(g_train), world)
     with torch.no_grad():
         for p, g in zip(weights, g_train):  # the virtual SGD step, momentum and weight decay included
@@ -279,7 +307,8 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
         with torch.no_grad():
             for p, b, g in zip(weights, backup, d_w):
                 p.copy_(b + sign * eps * g)
-        hessian.append(torch.autograd.grad(train_loss(), arch_params))
+        with frozen(weights):
+            hessian.append(torch.autograd.grad(train_loss(), arch_params))
     with torch.no_grad():
         for p, b in zip(weights, backup):
             p.copy_(b)
@@ -448,10 +477,11 @@ def main(argv=None):
                 v_loss, v_ok = unrolled_arch_step(forward, arch_params, weights, arch_opt, w_opt, (x_val, y_val),
                                                   (x_tr, y_tr), lr, args, world, autocast)
             else:
-                v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast)
+                v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast, weights)
             if args.mean_shift:
                 model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast)
-            t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim)
+            t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim,
+                                       arch_params, args.detach_mixing)
             model.mix_offset = None
             totals += torch.stack([t_loss * len(y_tr), t_ok.float(), v_loss * len(y_val), v_ok.float()])
             seen += len(y_tr)

@@ -1041,6 +1041,44 @@ def test_zero_offset_changes_nothing():
         torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('method', ['midas', 'darts'])
+def test_steps_freeze_what_they_do_not_train(method):
+    """arch_step with the weights frozen and weight_step with the architecture frozen take the same gradients
+    as with nothing frozen (MIDAS's weights keep the gradient through the attention), skipping the
+    others, and leave every parameter trainable afterwards."""
+    from search import arch_step, weight_step
+    grads = {}
+    for freeze in (False, True):
+        model, weights, opt, x, y = _step_setup(method, 'darts')
+        arch = model.arch_parameters()
+        arch_opt = torch.optim.SGD(arch, 0.0)
+        arch_step(model, arch, arch_opt, x, y, 1, _no_autocast, weights if freeze else ())
+        a = [p.grad.clone() for p in arch]
+        w_opt = torch.optim.SGD(weights, 0.0)
+        weight_step(model, weights, w_opt, x, y, 5.0, 1, _no_autocast, arch_params=arch if freeze else ())
+        grads[freeze] = a, [p.grad.clone() for p in weights]
+        assert all(p.requires_grad for p in model.parameters())
+    for before, after in zip(*grads.values()):
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-7)
+
+
+def test_detach_mixing_changes_only_midas_weight_gradient():
+    """--detach-mixing: DARTS's weight step is the same step (alpha is a constant there anyway); MIDAS's
+    weights lose the gradient through the attention, and keep the one through the mixing."""
+    from search import weight_step
+    for method in ('darts', 'midas'):
+        grads = []
+        for detach in (False, True):
+            model, weights, opt, x, y = _step_setup(method, 'darts')
+            weight_step(model, weights, torch.optim.SGD(weights, 0.0), x, y, 5.0, 1, _no_autocast,
+                        arch_params=model.arch_parameters(), detach_mixing=detach)
+            grads.append(torch.cat([p.grad.flatten() for p in weights]))
+        if method == 'darts':
+            torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+        else:
+            assert not torch.allclose(grads[1], grads[0]) and grads[1].abs().sum() > 0
+
+
 def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
     from model import MIMDecoder, mask_patches, mim_loss
     from search import weight_step
@@ -1096,13 +1134,15 @@ def test_nb201_results_table(tmp_path):
     runs = []
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
                                                ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0),
-                                               ('midas', 50.0, 55.0), ('midas', 40.0, 45.0)]):
+                                               ('midas', 50.0, 55.0), ('midas', 40.0, 45.0), ('midas', 30.0, 35.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
                 'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
                 'key_offset': k == 4, 'token_before_bn': k == 5, 'score_bias': k == 6, 'epochs': 2, 'init_channels': 8,
                 'cells': 1, 'subset': 10000}
+        if k == 8:   # runs older than the flag have no 'detach_mixing' and group with False
+            args['detach_mixing'] = True
         if k != 1:   # runs older than the flag have no 'arch_warmup': they had none, and group with 0
             args['arch_warmup'] = 5 if k == 7 else 0
         (run / 'args.json').write_text(json.dumps(args))
@@ -1119,6 +1159,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 token before BN | {budget} | 5 | 60.00 | 65.00 | 64.00 → 65.00 |' in text
     assert f'| midas patch 4 score-bias | {budget} | 6 | 50.00 | 55.00 | 54.00 → 55.00 |' in text
     assert f'| midas patch 4 arch-warmup 5 | {budget} | 7 | 40.00 | 45.00 | 44.00 → 45.00 |' in text
+    assert f'| midas patch 4 detach-mixing | {budget} | 8 | 30.00 | 35.00 | 34.00 → 35.00 |' in text
 
 
 # ---------------------------------------------------------------------------------------------
