@@ -545,6 +545,9 @@ MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-L
                 'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset',
                 'token_before_bn': lambda v: ' token before BN', 'score_bias': lambda v: ' score-bias'}
 
+# flags that change nothing for --method darts: darts runs group whatever they were given
+MIDAS_ONLY = ('patch', *MIDAS_LABELS, 'detach_mixing')
+
 
 def setting_name(s):
     name = s['method'] + (f" patch {s['patch']}" if s['method'] == 'midas' else '')
@@ -594,7 +597,8 @@ def nb201_results(runs):
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        key = tuple(settings.get(k, SETTING_OFF.get(k)) for k in SETTING_KEYS)
+        key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k, SETTING_OFF.get(k))
+                    for k in SETTING_KEYS)
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     rows = []
     for g in groups.values():

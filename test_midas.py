@@ -1134,7 +1134,8 @@ def test_nb201_results_table(tmp_path):
     runs = []
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
                                                ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0),
-                                               ('midas', 50.0, 55.0), ('midas', 40.0, 45.0), ('midas', 30.0, 35.0)]):
+                                               ('midas', 50.0, 55.0), ('midas', 40.0, 45.0), ('midas', 30.0, 35.0),
+                                               ('darts', 88.0, 91.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
@@ -1143,6 +1144,8 @@ def test_nb201_results_table(tmp_path):
                 'cells': 1, 'subset': 10000}
         if k == 8:   # runs older than the flag have no 'detach_mixing' and group with False
             args['detach_mixing'] = True
+        if k == 9:   # MIDAS's flags change nothing for darts: its runs group whatever they were given
+            args.update(patch=0, attn_dim=64, score_bias=True)
         if k != 1:   # runs older than the flag have no 'arch_warmup': they had none, and group with 0
             args['arch_warmup'] = 5 if k == 7 else 0
         (run / 'args.json').write_text(json.dumps(args))
@@ -1153,7 +1156,7 @@ def test_nb201_results_table(tmp_path):
     text = analyze.nb201_results(runs)
     budget = '2 ep, 8 ch, 1 cell/stage, 10k img'
     assert f'| midas patch 4 | {budget} | 0,1 | 90.50 ± 0.50 | 93.50 ± 0.50 | 92.50 → 93.50 |' in text
-    assert f'| darts | {budget} | 2 | 88.00 | 91.00 | 90.00 → 91.00 |' in text
+    assert f'| darts | {budget} | 2,9 | 88.00 ± 0.00 | 91.00 ± 0.00 | 90.00 → 91.00 |' in text
     assert f'| midas patch 4 tau 0.5 | {budget} | 3 | 80.00 | 85.00 | 84.00 → 85.00 |' in text
     assert f'| midas patch 4 key-offset | {budget} | 4 | 70.00 | 75.00 | 74.00 → 75.00 |' in text
     assert f'| midas patch 4 token before BN | {budget} | 5 | 60.00 | 65.00 | 64.00 → 65.00 |' in text
