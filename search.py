@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from analyze import write_diagrams
+from analyze import MIDAS_ONLY, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
@@ -395,7 +395,8 @@ def main(argv=None):
     resume_state = None
     if args.resume:
         args.save = args.resume
-        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, CONFIG_KEYS, ADDED_KEYS)
+        keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
+        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, keys, ADDED_KEYS)
     elif args.save is None:
         args.save = os.path.join('runs', f"search-{args.space}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):

@@ -585,6 +585,10 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *TINY])
+    # MIDAS's flags change nothing for darts: a darts run resumes whatever values of them it was started with
+    save = str(tmp_path / 'darts')
+    search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
+    search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', '--patch', '8', *TINY])
 
 
 # ---- analyze.py (issue 7) ----
