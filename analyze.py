@@ -545,7 +545,7 @@ MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-L
                 'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset',
                 'token_before_bn': lambda v: ' token before BN', 'score_bias': lambda v: ' score-bias'}
 
-DETACH_MIXING_DEFAULT = True   # search.py's --detach-mixing (analyze.py cannot import search.py, which imports it)
+DETACH_MIXING_DEFAULT = False  # search.py's --detach-mixing (analyze.py cannot import search.py, which imports it)
 # flags that change nothing for --method darts: darts runs group whatever they were given
 MIDAS_ONLY = ('patch', *MIDAS_LABELS, 'detach_mixing')
 

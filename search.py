@@ -62,10 +62,9 @@ def get_args(argv=None):
                    help="read each candidate's token before its final BN (keeps the convs' batch mean, §12)")
     p.add_argument('--score-bias', action=argparse.BooleanOptionalAction, default=ArchConfig.score_bias,
                    help="a learned scalar on each candidate's score, per node: DARTS's alpha inside MIDAS (a deviation)")
-    p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
                    help="weight step: the mixing weights are constants, as DARTS's alpha, and MIDAS's operations are "
-                        "not trained to steer the attention on the weights' split (--no-detach-mixing: the whole "
-                        "gradient, the default before 2026-11-24)")
+                        "not trained to steer the attention on the weights' split (default: the whole gradient)")
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--arch-warmup', type=int, default=None,
                    help='epochs of weight steps only before architecture steps start (default 5 with '

@@ -584,7 +584,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--detach-mixing'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
-    search.main(['--data', cifar, '--resume', save, '--space', 's2', '--no-detach-mixing', *TINY])
+    search.main(['--data', cifar, '--resume', save, '--space', 's2', *TINY])
     # MIDAS's flags change nothing for darts: a darts run resumes whatever values of them it was started with
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
@@ -1146,7 +1146,7 @@ def test_nb201_results_table(tmp_path):
                 'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
                 'key_offset': k == 4, 'token_before_bn': k == 5, 'score_bias': k == 6, 'epochs': 2, 'init_channels': 8,
                 'cells': 1, 'subset': 10000}
-        if k != 8:   # runs older than the flag have no 'detach_mixing': they took the whole gradient
+        if k == 8:   # runs older than the flag have no 'detach_mixing': they took the whole gradient
             args['detach_mixing'] = True
         if k == 9:   # MIDAS's flags change nothing for darts: its runs group whatever they were given
             args.update(patch=0, attn_dim=64, score_bias=True)
@@ -1166,7 +1166,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 token before BN | {budget} | 5 | 60.00 | 65.00 | 64.00 → 65.00 |' in text
     assert f'| midas patch 4 score-bias | {budget} | 6 | 50.00 | 55.00 | 54.00 → 55.00 |' in text
     assert f'| midas patch 4 arch-warmup 5 | {budget} | 7 | 40.00 | 45.00 | 44.00 → 45.00 |' in text
-    assert f'| midas patch 4 no-detach-mixing | {budget} | 8 | 30.00 | 35.00 | 34.00 → 35.00 |' in text
+    assert f'| midas patch 4 detach-mixing | {budget} | 8 | 30.00 | 35.00 | 34.00 → 35.00 |' in text
     assert analyze.DETACH_MIXING_DEFAULT == search.get_args([]).detach_mixing
 
 
