@@ -281,12 +281,12 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
     arch_opt.zero_grad(set_to_none=True)
     backup = [p.detach().clone() for p in weights]
 
-    def train_loss():
+    def train_loss(detach_mixing=False):
         with autocast():
-            return F.cross_entropy(model(x_tr), y_tr)
+            return F.cross_entropy(model(x_tr, detach_mixing=detach_mixing), y_tr)
 
-    with frozen(arch_params):
-        g_train = torch.autograd.grad(train_loss(), weights)
+    with frozen(arch_params):  # the virtual step takes the gradient the real weight step takes
+        g_train = torch.autograd.grad(train_loss(args.detach_mixing), weights)
     all_reduce_mean(list(g_train), world)
     with torch.no_grad():
         for p, g in zip(weights, g_train):  # the virtual SGD step, momentum and weight decay included

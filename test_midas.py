@@ -1083,6 +1083,28 @@ def test_detach_mixing_changes_only_midas_weight_gradient():
             assert not torch.allclose(grads[1], grads[0]) and grads[1].abs().sum() > 0
 
 
+@pytest.mark.parametrize('method', ['midas', 'darts'])
+def test_unrolled_step_at_zero_lr_is_the_first_order_step(method):
+    """--unrolled: at weight lr 0 the virtual step stays at w and the Hessian term vanishes, so the
+    architecture gradient is the first-order one; the weights are restored exactly."""
+    from search import arch_step, unrolled_arch_step
+    grads = []
+    for unrolled in (False, True):
+        model, weights, opt, x, y = _step_setup(method, 'darts')
+        arch = model.arch_parameters()
+        arch_opt = torch.optim.SGD(arch, 0.0)
+        before = [p.detach().clone() for p in weights]
+        if unrolled:
+            unrolled_arch_step(model, arch, weights, arch_opt, opt, (x, y), (x.flip(0), y.flip(0)), 0.0,
+                               search.get_args([]), 1, _no_autocast)
+        else:
+            arch_step(model, arch, arch_opt, x, y, 1, _no_autocast, weights)
+        assert all(torch.equal(a, p) for a, p in zip(before, weights))
+        grads.append(torch.cat([p.grad.flatten() for p in arch]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
 def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
     from model import MIMDecoder, mask_patches, mim_loss
     from search import weight_step
