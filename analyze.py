@@ -545,7 +545,6 @@ MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-L
                 'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset',
                 'token_before_bn': lambda v: ' token before BN', 'score_bias': lambda v: ' score-bias'}
 
-DETACH_MIXING_DEFAULT = False  # search.py's --detach-mixing (analyze.py cannot import search.py, which imports it)
 # flags that change nothing for --method darts: darts runs group whatever they were given
 MIDAS_ONLY = ('patch', *MIDAS_LABELS, 'detach_mixing')
 
@@ -563,8 +562,8 @@ def setting_name(s):
         name += f" + mim {s['mim']:g}"
     if s.get('mean_shift'):
         name += ' + mean-shift'
-    if s['method'] == 'midas' and s.get('detach_mixing', False) != DETACH_MIXING_DEFAULT:
-        name += ' detach-mixing' if s.get('detach_mixing') else ' no-detach-mixing'
+    if s['method'] == 'midas' and s.get('detach_mixing'):   # off by default, as the flags above
+        name += ' detach-mixing'
     if s.get('arch_warmup') not in (None, default_warmup(s)):
         name += f" arch-warmup {s['arch_warmup']}"
     return name

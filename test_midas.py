@@ -1168,7 +1168,7 @@ def test_nb201_results_table(tmp_path):
                 'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
                 'key_offset': k == 4, 'token_before_bn': k == 5, 'score_bias': k == 6, 'epochs': 2, 'init_channels': 8,
                 'cells': 1, 'subset': 10000}
-        if k == 8:   # runs older than the flag have no 'detach_mixing': they took the whole gradient
+        if k == 8:   # the others have no 'detach_mixing', as runs older than the flag: the whole gradient
             args['detach_mixing'] = True
         if k == 9:   # MIDAS's flags change nothing for darts: its runs group whatever they were given
             args.update(patch=0, attn_dim=64, score_bias=True)
@@ -1189,7 +1189,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 score-bias | {budget} | 6 | 50.00 | 55.00 | 54.00 → 55.00 |' in text
     assert f'| midas patch 4 arch-warmup 5 | {budget} | 7 | 40.00 | 45.00 | 44.00 → 45.00 |' in text
     assert f'| midas patch 4 detach-mixing | {budget} | 8 | 30.00 | 35.00 | 34.00 → 35.00 |' in text
-    assert analyze.DETACH_MIXING_DEFAULT == search.get_args([]).detach_mixing
+    assert search.get_args([]).detach_mixing is False   # what the name leaves unsaid
 
 
 # ---------------------------------------------------------------------------------------------
