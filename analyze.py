@@ -192,7 +192,9 @@ def load_run(run, device):
     missing = [k for k in ('space', 'method', 'dataset', 'init_channels', 'layers', 'cells') if k not in settings]
     if missing:
         raise RunError(f"'{run}' does not record {', '.join(missing)} (neither args.json nor the checkpoint)")
-    cfg = ArchConfig(**{f.name: settings[f.name] for f in dataclasses.fields(ArchConfig) if f.name in settings})
+    # a run older than a flag ran without it (SETTING_OFF), whatever today's default
+    cfg = ArchConfig(**{f.name: settings.get(f.name, SETTING_OFF.get(f.name)) for f in dataclasses.fields(ArchConfig)
+                        if f.name in settings or f.name in SETTING_OFF})
     model = SearchNetwork(settings['space'], settings['init_channels'], DATASETS[settings['dataset']]['num_classes'],
                           settings['layers'], settings['cells'], cfg)
     try:
@@ -532,16 +534,17 @@ def run_genotype(run):
 # ---------------------------------------------------------------------------------------------
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
-SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'tau', 'attn_dim', 'key_offset',
+SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm', 'tau', 'attn_dim', 'key_offset',
                 'token_before_bn', 'score_bias', 'detach_mixing', 'mim', 'mean_shift', 'arch_warmup', 'unrolled',
                 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
 # runs older than a flag group with 'off' (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
-               'token_before_bn': False, 'score_bias': False, 'detach_mixing': False}
+               'token_before_bn': False, 'score_bias': False, 'detach_mixing': False, 'edge_norm': False}
 
 
 # MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
-MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-LN', 'tau': lambda v: f' tau {v:g}',
+MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-LN',
+                'edge_norm': lambda v: ' token-wise LN', 'tau': lambda v: f' tau {v:g}',
                 'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset',
                 'token_before_bn': lambda v: ' token before BN', 'score_bias': lambda v: ' score-bias'}
 
@@ -554,8 +557,9 @@ def setting_name(s):
     if s['method'] == 'midas':
         for key, label in MIDAS_LABELS.items():
             default = getattr(ArchConfig, key)
-            if s.get(key, default) != default:
-                name += label(s[key])
+            value = s.get(key, SETTING_OFF.get(key, default))   # a run older than the flag ran without it
+            if value != default:
+                name += label(value)
     if s.get('arch_lr', 3e-4) != 3e-4:
         name += f" arch-lr {s['arch_lr']:g}"
     if s.get('mim'):

@@ -56,6 +56,8 @@ def get_args(argv=None):
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=None,
                    help="search.py's --detach-mixing (default: search.py's)")
+    p.add_argument('--edge-norm', action=argparse.BooleanOptionalAction, default=None,
+                   help="search.py's --edge-norm (default: search.py's)")
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s own)')
     p.add_argument('--iters', type=int, default=10, help='timed iterations per method')
     p.add_argument('--warmup', type=int, default=3, help='untimed iterations per method first')
@@ -151,8 +153,9 @@ def search_args(args, method, device):
             '--batch-size', str(args.batch_size), '--device', str(device), '--amp', args.amp]
     if args.unrolled:
         argv.append('--unrolled')
-    if args.detach_mixing is not None:
-        argv.append('--detach-mixing' if args.detach_mixing else '--no-detach-mixing')
+    for flag in ('detach_mixing', 'edge_norm'):   # search.py's default unless given
+        if getattr(args, flag) is not None:
+            argv.append(('--' if getattr(args, flag) else '--no-') + flag.replace('_', '-'))
     if args.compile:
         argv.append('--compile')
     sargs = search.get_args(argv)
@@ -323,6 +326,7 @@ def main(argv=None):
     if args._child:
         return child_memory(args, device)
 
+    midas_args = search_args(args, 'midas', device)[0]
     res = {'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else f'cpu ({os.cpu_count()} cores)',
            'device_type': device.type, 'threads': torch.get_num_threads(), 'torch': torch.__version__,
            'date': datetime.date.today().isoformat(), 'commit': git_commit(), 'preset': args.preset,
@@ -330,7 +334,7 @@ def main(argv=None):
            'batch_size': args.batch_size, 'patch': args.patch, 'token': args.token, 'unrolled': args.unrolled,
            'amp': args.amp, 'compile': args.compile, 'channels_last': channels_last(device, args),
            'iters': args.iters, 'warmup': args.warmup,
-           'detach_mixing': search_args(args, 'midas', device)[0].detach_mixing}
+           'detach_mixing': midas_args.detach_mixing, 'edge_norm': midas_args.edge_norm}
     rows = []
     if 'search' not in args.skip:
         times = bench_search(args, device)
@@ -375,7 +379,8 @@ def main(argv=None):
           f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, "
           f"{args.layers if args.space != 'nb201' else args.cells} {'cells' if args.space != 'nb201' else 'cells/stage'}, "
           f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
-          f"{'second' if args.unrolled else 'first'} order, detach-mixing {res['detach_mixing']}, amp {args.amp}, "
+          f"edge-norm {res['edge_norm']}, {'second' if args.unrolled else 'first'} order, "
+          f"detach-mixing {res['detach_mixing']}, amp {args.amp}, "
           f"compile {args.compile}, "
           f"channels_last {res['channels_last']}; medians of {args.iters} after {args.warmup} warm-up")
     width = max((len(r[0]) for r in rows), default=10)

@@ -29,6 +29,7 @@ class ArchConfig:
     tau: float = 1.0           # softmax temperature of the scores
     token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/avg-pool tie (§12)
     token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)
+    edge_norm: bool = True     # with token_norm: an edge's key tokens normalised together, keeping their relative scale
     key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation, off by default)
     token_before_bn: bool = False  # tokens from the input of a candidate's final BN, not its output (§12)
     score_bias: bool = False   # a learned scalar on each live candidate's score: an alpha inside MIDAS (a deviation)
@@ -368,31 +369,49 @@ class NodeAttention(nn.Module):
     def __init__(self, n_inputs, C, cfg, n_keys):
         super().__init__()
         token_dim = 2 * C if cfg.token == 'meanstd' else C
-        self.cfg = cfg
+        self.cfg, self.n_inputs = cfg, n_inputs
         self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
         self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
         self.key_offset = nn.Parameter(torch.zeros(n_keys, cfg.attn_dim)) if cfg.key_offset else None
         self.score_bias = nn.Parameter(torch.zeros(n_keys, 1, 1, 1)) if cfg.score_bias else None
 
     def tokens(self, maps, gh, gw):
-        """Key tokens of K candidate maps -> K x B x gh x gw x C', layer-normalised with token_norm."""
-        t = patch_tokens(maps, gh, gw, self.cfg.token)
-        return F.layer_norm(t, t.shape[-1:]) if self.cfg.token_norm else t
+        """Key tokens of K candidate maps -> K x B x gh x gw x C' (normalised in forward)."""
+        return patch_tokens(maps, gh, gw, self.cfg.token)
 
     def forward(self, pooled_inputs, tokens):
-        """pooled_inputs: B x (n_in C) x gh x gw; tokens: K x B x gh x gw x C' -> scores K x B x gh x gw."""
+        """pooled_inputs: B x (n_in C) x gh x gw; tokens: K x B x gh x gw x C', edge-major (K = E L) -> scores
+        K x B x gh x gw."""
         z = pooled_inputs.permute(0, 2, 3, 1)                                    # B gh gw nC
         if self.cfg.token_norm:
             z = F.layer_norm(z, z.shape[-1:])
         # <W_q z, W_k t> = <W_k^T W_q z, t>: the key projection is applied to the query once rather than to
         # all K candidate tokens (the same scores, a K-times smaller matrix product)
         q = self.w_q(z)                                                          # B gh gw d
-        scores = (tokens * (q @ self.w_k.weight)).sum(-1)                        # K B gh gw
+        qk = q @ self.w_k.weight                                                 # B gh gw C'
+        if self.cfg.token_norm and self.cfg.edge_norm:
+            scores = self.edge_normalized_scores(tokens, qk)
+        else:
+            if self.cfg.token_norm:
+                tokens = F.layer_norm(tokens, tokens.shape[-1:])
+            scores = (tokens * qk).sum(-1)                                       # K B gh gw
         if self.key_offset is not None:
             scores = scores + (q @ self.key_offset.t()).permute(3, 0, 1, 2)
         if self.score_bias is not None:   # times sqrt(d): b is in logit units, as DARTS's alpha
             scores = scores + self.score_bias * math.sqrt(self.cfg.attn_dim)
         return scores / (math.sqrt(self.cfg.attn_dim) * self.cfg.tau)
+
+    def edge_normalized_scores(self, tokens, qk):
+        """<qk, t> with the tokens of each edge's L candidates layer-normalised together (one mean and variance
+        over the L candidates and C' channels, per sample and patch). A token normalised alone loses its scale,
+        and scale is what tells skip from avg-pool (§12): pooling shrinks every channel's per-patch spread by
+        about the same factor, and LayerNorm(k t) = LayerNorm(t). Normalised per edge, a candidate keeps its
+        scale relative to the others it competes with, and the scores keep LayerNorm's sharpness."""
+        k, b, gh, gw, c = tokens.shape
+        edges = tokens.view(self.n_inputs, -1, b, gh, gw, c).permute(0, 2, 3, 4, 1, 5)     # E B gh gw L C'
+        edges = F.layer_norm(edges.reshape(self.n_inputs, b, gh, gw, -1), (k // self.n_inputs * c,))
+        scores = (edges.view(self.n_inputs, b, gh, gw, -1, c) * qk.unsqueeze(-2)).sum(-1)  # E B gh gw L
+        return scores.permute(0, 4, 1, 2, 3).reshape(k, b, gh, gw)
 
 
 _PAIR_TABLES = {}

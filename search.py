@@ -28,13 +28,14 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_c
                    save_checkpoint, seed_everything, setup_distributed, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
-CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'key_offset',
+CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm', 'key_offset',
                'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset',
                'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup',
                'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
                'detach_mixing']
 # flags newer than some checkpoints, with the value those were run with
-ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False, 'detach_mixing': False}
+ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False, 'detach_mixing': False,
+              'edge_norm': False}
 
 
 def get_args(argv=None):
@@ -56,6 +57,9 @@ def get_args(argv=None):
                    help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12)")
     p.add_argument('--token-norm', action=argparse.BooleanOptionalAction, default=ArchConfig.token_norm,
                    help='LayerNorm on query/key tokens')
+    p.add_argument('--edge-norm', action=argparse.BooleanOptionalAction, default=ArchConfig.edge_norm,
+                   help="with --token-norm: normalise an edge's key tokens together, which keeps each candidate's "
+                        "scale relative to the others (tells skip from avg-pool); --no-edge-norm: each token alone")
     p.add_argument('--key-offset', action=argparse.BooleanOptionalAction, default=ArchConfig.key_offset,
                    help='a learned offset on each candidate key (breaks ties of equal tokens; a deviation)')
     p.add_argument('--token-before-bn', action=argparse.BooleanOptionalAction, default=ArchConfig.token_before_bn,

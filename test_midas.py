@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 import data
 import genotypes as G
 import search
-from model import ArchConfig, SearchNetwork, edge_weights, grid_size, mix_add, mix_node, patch_tokens, pool_grid
+from model import (ArchConfig, NodeAttention, SearchNetwork, edge_weights, grid_size, mix_add, mix_node, patch_tokens,
+                   pool_grid)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--epochs', '1', '--batch-size', '8', '--init-channels', '4', '--layers', '3', '--cells', '1',
@@ -287,6 +289,32 @@ def test_score_bias_starts_at_zero_and_shifts_scores_alike_for_every_input():
     assert torch.allclose(s[3] - s[1], torch.full_like(s[1], 0.7 / 0.5), atol=1e-5)
 
 
+def test_edge_norm_keeps_the_scale_that_tells_skip_from_avg_pool():
+    torch.manual_seed(0)
+    edge = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False)).search_cells()[0].attention[1]
+    alone = NodeAttention(2, 4, ArchConfig(edge_norm=False), 8)
+    alone.load_state_dict(edge.state_dict())
+    z = torch.randn(3, 8, 2, 2)
+    t = torch.randn(8, 3, 2, 2, 8)   # node 2: two edges of four live candidates, edge-major
+    t[3] = 0.6 * t[0]                # avg-pool: the skip's token, every value shrunk alike (§12)
+    t[6] = 5.0 * t[5] + 1.0          # on the other edge, a token of another scale and offset
+    s_edge, s_alone = edge(z, t), alone(z, t)
+    # normalised alone, a token's scale and offset are lost: the pairs tie
+    assert torch.allclose(s_alone[0], s_alone[3], atol=1e-5) and torch.allclose(s_alone[5], s_alone[6], atol=1e-5)
+    assert not torch.allclose(s_edge[0], s_edge[3], atol=1e-3) and not torch.allclose(s_edge[5], s_edge[6], atol=1e-3)
+    # the definition: one mean and variance per edge, sample and patch, over its 4 candidates and 8 channels
+    e = t.view(2, 4, 3, 2, 2, 8)
+    var, mean = torch.var_mean(e, (1, 5), correction=0, keepdim=True)
+    keys = ((e - mean) / (var + 1e-5).sqrt()).view(8, 3, 2, 2, 8)
+    q = edge.w_q(F.layer_norm(z.permute(0, 2, 3, 1), (8,)))
+    d = ArchConfig().attn_dim
+    torch.testing.assert_close(s_edge, (keys * (q @ edge.w_k.weight)).sum(-1) / math.sqrt(d))
+    # every candidate of an edge scaled alike (a state of another scale) changes nothing
+    t2 = t.clone()
+    t2[4:] *= 3.0
+    torch.testing.assert_close(edge(z, t2)[4:], s_edge[4:], atol=1e-4, rtol=1e-4)
+
+
 def test_token_before_bn_reads_the_input_of_each_candidates_final_bn():
     from model import forward_before_bn
     from ops import OPS
@@ -306,11 +334,12 @@ def test_token_before_bn_reads_the_input_of_each_candidates_final_bn():
             assert before is (seen[0] if bns else y), name
     # in a supernet: only the scores move (no parameter added, the same checkpoint layout); skip and
     # avg-pool, which end in no BN, keep their tokens, the convs do not
-    # (training mode: BN by batch statistics; fresh running ones, in eval mode, are nearly the identity)
+    # (training mode: BN by batch statistics; fresh running ones, in eval mode, are nearly the identity; tokens
+    # normalised one by one, so that a score moves only with its own token)
     torch.manual_seed(0)
-    after = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False))
+    after = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, edge_norm=False))
     torch.manual_seed(0)
-    before = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, token_before_bn=True))
+    before = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False, edge_norm=False, token_before_bn=True))
     assert after.state_dict().keys() == before.state_dict().keys()
     weights = {}
     for net in (after, before):
@@ -574,17 +603,18 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     _one_line_error(r, 'another configuration', 'space')
     r = run_script('search.py', '--data', cifar, '--save', save, '--space', 's2', *TINY)
     _one_line_error(r, '--resume')
-    # a checkpoint from before --key-offset, --token-before-bn, --score-bias and --detach-mixing existed resumes
-    # as the run it was (none of them), and only as that
+    # a checkpoint from before --key-offset, --token-before-bn, --score-bias, --detach-mixing and --edge-norm
+    # existed resumes as the run it was (none of them), and only as that
     ckpt = os.path.join(save, 'checkpoint.pt')
     state = torch.load(ckpt, weights_only=False)
     for key in search.ADDED_KEYS:
         del state['config'][key]
     torch.save(state, ckpt)
-    for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--detach-mixing'):
-        r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', flag, *TINY)
+    old = ['--no-edge-norm']   # the one of them on by default today
+    for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--detach-mixing', '--edge-norm'):
+        r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
-    search.main(['--data', cifar, '--resume', save, '--space', 's2', *TINY])
+    search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
     # MIDAS's flags change nothing for darts: a darts run resumes whatever values of them it was started with
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
@@ -759,6 +789,19 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     assert open(table).read() == text
     rows = [line for line in text.splitlines() if line.startswith('| p0 ') or line.startswith('| p4 ')]
     assert len(rows) == 6 * 2 and 'cell 2 (normal)' in text and '| 8x8 | 4x4 | 2x2 |' in text
+    # a run older than --edge-norm (neither its args.json nor its checkpoint name it) is rebuilt as it ran
+    assert model.cfg.edge_norm
+    old = str(tmp_path / 'old')
+    shutil.copytree(runs[4], old)
+    state = torch.load(os.path.join(old, 'checkpoint.pt'), weights_only=False)
+    del state['config']['edge_norm']
+    torch.save(state, os.path.join(old, 'checkpoint.pt'))
+    with open(os.path.join(old, 'args.json')) as f:
+        args = json.load(f)
+    del args['edge_norm']
+    with open(os.path.join(old, 'args.json'), 'w') as f:
+        json.dump(args, f)
+    assert analyze.load_run(old, torch.device('cpu'))[0].cfg.edge_norm is False
 
 
 def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
@@ -1161,13 +1204,15 @@ def test_nb201_results_table(tmp_path):
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
                                                ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0),
                                                ('midas', 50.0, 55.0), ('midas', 40.0, 45.0), ('midas', 30.0, 35.0),
-                                               ('darts', 88.0, 91.0)]):
+                                               ('darts', 88.0, 91.0), ('midas', 20.0, 25.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
                 'tau': 0.5 if k == 3 else 1.0,   # a different temperature is a different setting
                 'key_offset': k == 4, 'token_before_bn': k == 5, 'score_bias': k == 6, 'epochs': 2, 'init_channels': 8,
                 'cells': 1, 'subset': 10000}
+        if k != 10:   # run 10 is older than --edge-norm: its tokens were normalised one by one
+            args['edge_norm'] = True
         if k == 8:   # the others have no 'detach_mixing', as runs older than the flag: the whole gradient
             args['detach_mixing'] = True
         if k == 9:   # MIDAS's flags change nothing for darts: its runs group whatever they were given
@@ -1189,6 +1234,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 score-bias | {budget} | 6 | 50.00 | 55.00 | 54.00 → 55.00 |' in text
     assert f'| midas patch 4 arch-warmup 5 | {budget} | 7 | 40.00 | 45.00 | 44.00 → 45.00 |' in text
     assert f'| midas patch 4 detach-mixing | {budget} | 8 | 30.00 | 35.00 | 34.00 → 35.00 |' in text
+    assert f'| midas patch 4 token-wise LN | {budget} | 10 | 20.00 | 25.00 | 24.00 → 25.00 |' in text
     assert search.get_args([]).detach_mixing is False   # what the name leaves unsaid
 
 
