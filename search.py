@@ -28,8 +28,8 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_c
                    save_checkpoint, seed_everything, setup_distributed, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
-CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm', 'key_offset',
-               'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset',
+CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
+               'key_offset', 'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset',
                'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup',
                'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
                'detach_mixing']
