@@ -192,9 +192,8 @@ def load_run(run, device):
     missing = [k for k in ('space', 'method', 'dataset', 'init_channels', 'layers', 'cells') if k not in settings]
     if missing:
         raise RunError(f"'{run}' does not record {', '.join(missing)} (neither args.json nor the checkpoint)")
-    # a run older than a flag ran without it (SETTING_OFF), whatever today's default
-    cfg = ArchConfig(**{f.name: settings.get(f.name, SETTING_OFF.get(f.name)) for f in dataclasses.fields(ArchConfig)
-                        if f.name in settings or f.name in SETTING_OFF})
+    ran = with_older_flags(settings)
+    cfg = ArchConfig(**{f.name: ran[f.name] for f in dataclasses.fields(ArchConfig) if f.name in ran})
     model = SearchNetwork(settings['space'], settings['init_channels'], DATASETS[settings['dataset']]['num_classes'],
                           settings['layers'], settings['cells'], cfg)
     try:
@@ -542,6 +541,12 @@ SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': Fa
                'token_before_bn': False, 'score_bias': False, 'detach_mixing': False, 'edge_norm': False}
 
 
+def with_older_flags(settings):
+    """A run's settings with SETTING_OFF's value for every flag it does not record: a run older than a flag ran
+    without it, whatever today's default."""
+    return {**SETTING_OFF, **settings}
+
+
 # MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
 MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-LN',
                 'edge_norm': lambda v: ' token-wise LN', 'tau': lambda v: f' tau {v:g}',
@@ -557,9 +562,8 @@ def setting_name(s):
     if s['method'] == 'midas':
         for key, label in MIDAS_LABELS.items():
             default = getattr(ArchConfig, key)
-            value = s.get(key, SETTING_OFF.get(key, default))   # a run older than the flag ran without it
-            if value != default:
-                name += label(value)
+            if s.get(key, default) != default:
+                name += label(s[key])
     if s.get('arch_lr', 3e-4) != 3e-4:
         name += f" arch-lr {s['arch_lr']:g}"
     if s.get('mim'):
@@ -596,12 +600,12 @@ def nb201_results(runs):
     """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories)."""
     groups = {}
     for run in runs:
-        settings = read_json(os.path.join(run, 'args.json'))
+        settings = with_older_flags(read_json(os.path.join(run, 'args.json')))
         history = read_json(os.path.join(run, 'history.json'))
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k, SETTING_OFF.get(k))
+        key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k)
                     for k in SETTING_KEYS)
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     rows = []

@@ -375,10 +375,6 @@ class NodeAttention(nn.Module):
         self.key_offset = nn.Parameter(torch.zeros(n_keys, cfg.attn_dim)) if cfg.key_offset else None
         self.score_bias = nn.Parameter(torch.zeros(n_keys, 1, 1, 1)) if cfg.score_bias else None
 
-    def tokens(self, maps, gh, gw):
-        """Key tokens of K candidate maps -> K x B x gh x gw x C' (normalised in forward)."""
-        return patch_tokens(maps, gh, gw, self.cfg.token)
-
     def forward(self, pooled_inputs, tokens):
         """pooled_inputs: B x (n_in C) x gh x gw; tokens: K x B x gh x gw x C', edge-major (K = E L) -> scores
         K x B x gh x gw."""
@@ -409,7 +405,8 @@ class NodeAttention(nn.Module):
         scale relative to the others it competes with, and the scores keep LayerNorm's sharpness."""
         k, b, gh, gw, c = tokens.shape
         edges = tokens.view(self.n_inputs, -1, b, gh, gw, c).permute(0, 2, 3, 4, 1, 5)     # E B gh gw L C'
-        edges = F.layer_norm(edges.reshape(self.n_inputs, b, gh, gw, -1), (k // self.n_inputs * c,))
+        edges = edges.reshape(self.n_inputs, b, gh, gw, -1)                                  # E B gh gw (L C')
+        edges = F.layer_norm(edges, edges.shape[-1:])
         scores = (edges.view(self.n_inputs, b, gh, gw, -1, c) * qk.unsqueeze(-2)).sum(-1)  # E B gh gw L
         return scores.permute(0, 4, 1, 2, 3).reshape(k, b, gh, gw)
 
@@ -523,7 +520,7 @@ class SearchCell(nn.Module):
                 pooled[i] = pool_grid(states[i], gh, gw)
         keys = [(i, op.primitives[j]) if pure else None
                 for op, i in zip(edges, srcs) for j, pure in zip(op.live, op.pure)]
-        t = self._tokens(self.attention[n], maps, keys, tokens, gh, gw)
+        t = self._tokens(maps, keys, tokens, gh, gw)
         live = self.attention[n](torch.cat([pooled[i] for i in srcs], 1), t)    # K B gh gw, K = E L
         live = live.view(len(edges), -1, *live.shape[1:])                         # E L B gh gw
         if live.shape[1] == len(edges[0].primitives):
@@ -532,13 +529,12 @@ class SearchCell(nn.Module):
         scores[:, self.live] = live
         return scores
 
-    @staticmethod
-    def _tokens(attention, maps, keys, cache, gh, gw):
-        """The tokens of a node's K candidate maps, K x B x gh x gw x C'. A parameter-free candidate's map
-        (key not None) is the same on every edge leaving its state, and so is its token: made once, kept in
-        cache for the later nodes of the cell."""
+    def _tokens(self, maps, keys, cache, gh, gw):
+        """The tokens of a node's K candidate maps, K x B x gh x gw x C' (NodeAttention normalises them). A
+        parameter-free candidate's map (key not None) is the same on every edge leaving its state, and so is its
+        token: made once, kept in cache for the later nodes of the cell."""
         todo = [k for k, key in enumerate(keys) if key not in cache]
-        made = attention.tokens([maps[k] for k in todo], gh, gw) if todo else None
+        made = patch_tokens([maps[k] for k in todo], gh, gw, self.cfg.token) if todo else None
         if len(todo) == len(maps) and all(key is None for key in keys):
             return made
         # unbind, not indexing: one backward op for all of them, where each index would zero-fill K tokens
