@@ -40,32 +40,42 @@ ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False
 
 def get_args(argv=None):
     p = Parser(description='MIDAS / DARTS architecture search')
-    p.add_argument('--data', default='./data', help='dataset root (CIFAR is downloaded here when absent)')
+    p.add_argument('--data', default='./data',
+                   help='dataset root (CIFAR is downloaded here when absent; default %(default)s)')
     p.add_argument('--save', default=None, help='run folder (default runs/search-SPACE-METHOD-TIME)')
     p.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
                    help='fetch CIFAR from its official URL when absent from --data')
-    p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120'])
-    p.add_argument('--space', default='darts', help='darts, s1, s2, s3, s4 or nb201')
+    p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120'],
+                   help='(default %(default)s)')
+    p.add_argument('--space', default='darts', help='darts, s1, s2, s3, s4 or nb201 (default %(default)s)')
     # the MIDAS flags default to ArchConfig's fields, which check_args turns them back into
-    p.add_argument('--method', default=ArchConfig.method, help='midas (attention) or darts (static alpha)')
-    p.add_argument('--patch', type=int, default=ArchConfig.patch, help='patch side in pixels; 0 = global pooling')
+    p.add_argument('--method', default=ArchConfig.method,
+                   help='midas (attention) or darts (static alpha; default %(default)s)')
+    p.add_argument('--patch', type=int, default=ArchConfig.patch,
+                   help='patch side in pixels; 0 = global pooling (default %(default)s)')
     p.add_argument('--topology', action=argparse.BooleanOptionalAction, default=None,
                    help='pair-of-edges node (default: on for midas, off for darts; never for nb201)')
-    p.add_argument('--attn-dim', type=int, default=ArchConfig.attn_dim)
-    p.add_argument('--tau', type=float, default=ArchConfig.tau)
+    p.add_argument('--attn-dim', type=int, default=ArchConfig.attn_dim,
+                   help='query/key dimension d, §3 (default %(default)s)')
+    p.add_argument('--tau', type=float, default=ArchConfig.tau, help='score temperature, §3 (default %(default)s)')
     p.add_argument('--token', default=ArchConfig.token, choices=['mean', 'meanstd'],
-                   help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12)")
+                   help="patch token: mean only (§2) or mean and spread (breaks the skip/avg-pool tie, §12) "
+                        "(default %(default)s)")
     p.add_argument('--token-norm', action=argparse.BooleanOptionalAction, default=ArchConfig.token_norm,
-                   help='LayerNorm on query/key tokens')
+                   help='LayerNorm on query/key tokens (default %(default)s)')
     p.add_argument('--edge-norm', action=argparse.BooleanOptionalAction, default=ArchConfig.edge_norm,
                    help="with --token-norm: normalise an edge's key tokens together, which keeps each candidate's "
-                        "scale relative to the others (tells skip from avg-pool); --no-edge-norm: each token alone")
+                        "scale relative to the others (tells skip from avg-pool); --no-edge-norm: each token alone "
+                        "(default %(default)s)")
     p.add_argument('--key-offset', action=argparse.BooleanOptionalAction, default=ArchConfig.key_offset,
-                   help='a learned offset on each candidate key (breaks ties of equal tokens; a deviation)')
+                   help='a learned offset on each candidate key (breaks ties of equal tokens; a deviation; '
+                        'default %(default)s)')
     p.add_argument('--token-before-bn', action=argparse.BooleanOptionalAction, default=ArchConfig.token_before_bn,
-                   help="read each candidate's token before its final BN (keeps the convs' batch mean, §12)")
+                   help="read each candidate's token before its final BN (keeps the convs' batch mean, §12; "
+                        "default %(default)s)")
     p.add_argument('--score-bias', action=argparse.BooleanOptionalAction, default=ArchConfig.score_bias,
-                   help="a learned scalar on each candidate's score, per node: DARTS's alpha inside MIDAS (a deviation)")
+                   help="a learned scalar on each candidate's score, per node: DARTS's alpha inside MIDAS "
+                        "(a deviation; default %(default)s)")
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
                    help="weight step: the mixing weights are constants, as DARTS's alpha, and MIDAS's operations are "
                         "not trained to steer the attention on the weights' split (default: the whole gradient)")
@@ -76,40 +86,48 @@ def get_args(argv=None):
     # The sources' other methods (METHOD.md §11), for midas and darts alike
     p.add_argument('--mim', type=float, default=0.0, metavar='WEIGHT',
                    help='masked image modelling (alpha-DARTS): weight of the reconstruction loss (0 = off)')
-    p.add_argument('--mim-ratio', type=float, default=0.5, help='share of patches masked')
-    p.add_argument('--mim-patch', type=int, default=4, help='side of a masked patch in pixels')
+    p.add_argument('--mim-ratio', type=float, default=0.5, help='share of patches masked (default %(default)s)')
+    p.add_argument('--mim-patch', type=int, default=4, help='side of a masked patch in pixels (default %(default)s)')
     p.add_argument('--mean-shift', action='store_true', help='mean-shift sampling of the mixing weights (MS-DARTS)')
-    p.add_argument('--ms-iters', type=int, default=2, help='mean-shift rounds T')
-    p.add_argument('--ms-samples', type=int, default=3, help='points per round N')
-    p.add_argument('--ms-eps', type=float, default=0.25, help='half-width of the sampling box')
-    p.add_argument('--ms-bandwidth', type=float, default=1.0, help='Gaussian kernel bandwidth h')
-    p.add_argument('--epochs', type=int, default=50)
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--init-channels', type=int, default=16)
-    p.add_argument('--layers', type=int, default=8, help='cells of a DARTS-style supernet')
-    p.add_argument('--cells', type=int, default=5, help='cells per stage of the NB201 supernet')
+    p.add_argument('--ms-iters', type=int, default=2, help='mean-shift rounds T (default %(default)s)')
+    p.add_argument('--ms-samples', type=int, default=3, help='points per round N (default %(default)s)')
+    p.add_argument('--ms-eps', type=float, default=0.25, help='half-width of the sampling box (default %(default)s)')
+    p.add_argument('--ms-bandwidth', type=float, default=1.0, help='Gaussian kernel bandwidth h (default %(default)s)')
+    p.add_argument('--epochs', type=int, default=50, help='(default %(default)s)')
+    p.add_argument('--batch-size', type=int, default=64, help='(default %(default)s)')
+    p.add_argument('--init-channels', type=int, default=16,
+                   help='channels of the first stage (default %(default)s)')
+    p.add_argument('--layers', type=int, default=8, help='cells of a DARTS-style supernet (default %(default)s)')
+    p.add_argument('--cells', type=int, default=5, help='cells per stage of the NB201 supernet (default %(default)s)')
     p.add_argument('--subset', type=int, default=0, help='use only the first N training images (0 = all)')
-    p.add_argument('--train-portion', type=float, default=0.5)
-    p.add_argument('--lr', type=float, default=0.025)
-    p.add_argument('--lr-min', type=float, default=0.001)
-    p.add_argument('--momentum', type=float, default=0.9)
-    p.add_argument('--weight-decay', type=float, default=3e-4)
-    p.add_argument('--grad-clip', type=float, default=5.0)
-    p.add_argument('--arch-lr', type=float, default=3e-4)
-    p.add_argument('--arch-weight-decay', type=float, default=1e-3)
+    p.add_argument('--train-portion', type=float, default=0.5,
+                   help='share of the training images that train the weights; the rest train the architecture '
+                        '(default %(default)s)')
+    p.add_argument('--lr', type=float, default=0.025,
+                   help='weight lr, cosine-annealed to --lr-min (default %(default)s)')
+    p.add_argument('--lr-min', type=float, default=0.001, help='(default %(default)s)')
+    p.add_argument('--momentum', type=float, default=0.9, help='(default %(default)s)')
+    p.add_argument('--weight-decay', type=float, default=3e-4, help='(default %(default)s)')
+    p.add_argument('--grad-clip', type=float, default=5.0,
+                   help='gradient norm clip of the weight step (default %(default)s)')
+    p.add_argument('--arch-lr', type=float, default=3e-4,
+                   help='Adam lr of the architecture step (default %(default)s)')
+    p.add_argument('--arch-weight-decay', type=float, default=1e-3, help='(default %(default)s)')
     p.add_argument('--decode-samples', type=int, default=0,
                    help='images of the search-train split used for the final decode (0 = all)')
-    p.add_argument('--epoch-decode-samples', type=int, default=2048, help='images for the per-epoch decode')
+    p.add_argument('--epoch-decode-samples', type=int, default=2048,
+                   help='images for the per-epoch decode (default %(default)s)')
     p.add_argument('--decode-none', default='exclude', choices=['exclude', 'include'],
-                   help="NB201 decoding: may 'none' win an edge? (METHOD.md §8 includes it; see README)")
+                   help="NB201 decoding: may 'none' win an edge? (METHOD.md §8 includes it; see README; "
+                        "default %(default)s)")
     p.add_argument('--redecode', default=None, metavar='RUN',
                    help="decode RUN/weights.json again (with --decode-none, --nb201-table) and rewrite RUN/genotype.json")
     p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
+    p.add_argument('--seed', type=int, default=0, help='(default %(default)s)')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N (default %(default)s)')
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA)')
     p.add_argument('--compile', action='store_true', help='torch.compile the supernet')
-    p.add_argument('--report-freq', type=int, default=50, help='log every N iterations')
+    p.add_argument('--report-freq', type=int, default=50, help='log every N iterations (default %(default)s)')
     p.add_argument('--resume', default=None, metavar='RUN', help='continue the run in folder RUN')
     args = p.parse_args(argv)
     return args

@@ -1260,3 +1260,19 @@ def test_bench_reports_every_figure_as_one_json_line():
 def test_bench_bad_flags_are_one_line():
     r = run_script('bench.py', '--skip', 'everything')
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and '--skip' in r.stderr
+
+
+def test_help_of_every_script_states_the_defaults(capsys):
+    """--help must print (a stray '%' in a help text breaks it) and show the defaults an ablation flips."""
+    import bench
+    for module in (search, train, bench, analyze):
+        with pytest.raises(SystemExit) as stop:
+            module.get_args(['--help'])
+        assert stop.value.code == 0, module.__name__
+        text = ' '.join(capsys.readouterr().out.split())
+        assert 'usage:' in text, module.__name__
+        if module is search:
+            for phrase in ('0 = global pooling (default 4)', 'query/key dimension d, §3 (default 16)',
+                           'Adam lr of the architecture step (default 0.0003)', '--epochs EPOCHS (default 50)',
+                           '--no-token-norm LayerNorm on query/key tokens (default True)'):
+                assert phrase in text, phrase
