@@ -598,15 +598,21 @@ def mean_std(values):
 
 def nb201_results(runs):
     """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories)."""
-    groups = {}
-    for run in runs:
-        settings = with_older_flags(read_json(os.path.join(run, 'args.json')))
+    groups, seen = {}, {}
+    for run in dict.fromkeys(os.path.realpath(r) for r in runs):   # a folder named twice counts once
+        settings = read_json(os.path.join(run, 'args.json'))
+        if not isinstance(settings, dict) or 'method' not in settings or 'seed' not in settings:
+            raise RunError(f"'{run}' holds no search.py run (its args.json lacks the method and seed)")
+        settings = with_older_flags(settings)
         history = read_json(os.path.join(run, 'history.json'))
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
         key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k)
                     for k in SETTING_KEYS)
+        twin = seen.setdefault((key, settings['seed']), run)
+        if twin != run:   # a mean over seeds must not count one seed twice
+            raise RunError(f"'{twin}' and '{run}' are the same setting and seed: give one of them")
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     rows = []
     for g in groups.values():

@@ -91,6 +91,9 @@ def get_args(argv=None):
                  'train_batch_size', 'data_images', 'data_batch_size', 'data_epochs', 'mem_iters'):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1")
+    # a DARTS network needs its two reduction cells, a search supernet normal cells besides
+    if args.train_layers < 2 or (args.space != 'nb201' and args.layers < 3):
+        raise RunError('--train-layers must be at least 2 and a DARTS-style --layers at least 3')
     if args.warmup < 0 or args.threads < 0:
         raise RunError('--warmup and --threads must not be negative')
     if args.data_images < args.data_batch_size:

@@ -182,11 +182,19 @@ def load_dataset(name, root, train=True, download=True):
     """
     root = os.path.expanduser(os.fspath(root))
     if name in _CIFAR:
-        return _load_cifar(name, root, train, download)
-    if name == 'imagenet16-120':
-        return _load_imagenet16(root, train)
-    if name == 'svhn':
-        return _load_svhn(root, train, download)
+        x, y = _load_cifar(name, root, train, download)
+    elif name == 'imagenet16-120':
+        x, y = _load_imagenet16(root, train)
+    elif name == 'svhn':
+        x, y = _load_svhn(root, train, download)
+    else:
+        x = None
+    if x is not None:
+        classes = DATASETS[name]['num_classes']
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):   # found now, not mid-epoch
+            raise DataError(f"{name} in {root} has labels outside 0..{classes - 1} ({int(y.min())}..{int(y.max())}): "
+                            "the files are not the official ones; delete them and fetch the dataset again")
+        return x, y
     if name == 'imagenet':
         raise DataError("imagenet is a class-folder dataset too large to hold in memory; "
                         "use imagenet_loader(root, ...)")
@@ -374,6 +382,11 @@ class GPULoader:
         self._roll()
         while self.pos < len(self):
             yield self._batch()
+
+    def rewind(self):
+        """Start again from the first batch of a fresh epoch (for an unshuffled loader: the same batches every
+        time, whatever was read before)."""
+        self.epoch, self.pos, self._perm = 0, 0, None
 
     def next_batch(self):
         """The next batch, rolling over into new epochs forever."""

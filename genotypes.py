@@ -139,8 +139,10 @@ DARTS = DARTS_V2  # the name the original repository's train.py uses by default
 
 PUBLISHED = dict(DARTS_V1=DARTS_V1, DARTS_V2=DARTS_V2, DARTS=DARTS, NASNet=NASNet, AmoebaNet=AmoebaNet,
                  PC_DARTS=PC_DARTS, PDARTS=PDARTS)
-# The best NAS-Bench-201 cell on CIFAR-10 (valid 91.61 / test 94.37), for reference and tests.
-NB201_BEST = '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|'
+# The best NAS-Bench-201 cell on CIFAR-10 (valid 91.61 / test 94.37, the best of both columns), and the cell of
+# MIDAS's published result (valid 91.55 / test 94.36, CIFAR-100 test 73.51): the same but for edge 2->3.
+NB201_BEST = '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|'
+NB201_PAPER = '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,13 +150,15 @@ NB201_BEST = '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|n
 
 def nb201_parse(arch):
     """Arch string -> list of 6 op names in edge order (1<-0, 2<-0, 2<-1, 3<-0, 3<-1, 3<-2)."""
+    if not isinstance(arch, str):
+        raise ValueError(f"malformed NAS-Bench-201 arch: expected a string like '|op~0|+|op~0|op~1|+...', got {arch!r}")
     nodes = arch.strip().split('+')
     if len(nodes) != NB201_NODES:
         raise ValueError(f"malformed NAS-Bench-201 arch string '{arch}': expected {NB201_NODES} nodes joined by '+'")
     ops = []
     for k, node in enumerate(nodes, start=1):
-        parts = node.strip('|').split('|')
-        if len(parts) != k or not node.startswith('|') or not node.endswith('|'):
+        parts = node[1:-1].split('|')
+        if len(parts) != k or len(node) < 2 or not node.startswith('|') or not node.endswith('|'):
             raise ValueError(f"malformed NAS-Bench-201 arch string '{arch}': node {k} must have {k} inputs")
         for j, part in enumerate(parts):
             op, _, src = part.partition('~')
@@ -196,10 +200,11 @@ def validate_genotype(genotype, space_name=None):
             node = n // 2 + 2
             if not isinstance(op, str) or op not in ALL_OPS:
                 raise ValueError(f"unknown op '{op}' in the {cell} cell (choose from {', '.join(ALL_OPS)})")
-            if not isinstance(src, int) or not 0 <= src < node:
+            if type(src) is not int or not 0 <= src < node:
                 raise ValueError(f"malformed genotype: input {src!r} of node {node} in the {cell} cell must be in 0..{node - 1}")
-        if not concat or any(not isinstance(c, int) or not 0 <= c < n_nodes + 2 for c in concat):
-            raise ValueError(f"malformed genotype: {cell}_concat {concat} must name states 0..{n_nodes + 1}")
+        # the cell's inputs cannot be concatenated: in a reduction cell they are twice the nodes' resolution
+        if not concat or any(type(c) is not int or not 2 <= c < n_nodes + 2 for c in concat):
+            raise ValueError(f"malformed genotype: {cell}_concat {concat} must name nodes 2..{n_nodes + 1}")
         if space is not None:
             if n_nodes != STEPS:
                 raise ValueError(f"genotype has {n_nodes} nodes per {cell} cell, space '{space_name}' has {STEPS}")
@@ -228,8 +233,8 @@ def genotype_from_json(obj):
         nb201_parse(obj['arch'])
         return obj['arch'], obj.get('space', 'nb201')
     try:
-        g = Genotype(normal=[(str(op), int(i)) for op, i in obj['normal']], normal_concat=list(obj['normal_concat']),
-                     reduce=[(str(op), int(i)) for op, i in obj['reduce']], reduce_concat=list(obj['reduce_concat']))
+        g = Genotype(normal=[(op, i) for op, i in obj['normal']], normal_concat=list(obj['normal_concat']),
+                     reduce=[(op, i) for op, i in obj['reduce']], reduce_concat=list(obj['reduce_concat']))
     except (KeyError, TypeError, ValueError):
         raise ValueError("malformed genotype JSON: needs 'normal', 'normal_concat', 'reduce', 'reduce_concat' "
                          "as lists of [op, input] pairs and state indices") from None
@@ -239,7 +244,10 @@ def genotype_from_json(obj):
 def _literal(node):
     """ast node -> Python value, allowing range(a, b) besides plain literals (never eval)."""
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'range' and not node.keywords:
-        return list(range(*[ast.literal_eval(a) for a in node.args]))
+        span = range(*[ast.literal_eval(a) for a in node.args])
+        if len(span) > 64:   # a concat list names a few nodes; never build a huge one
+            raise ValueError(f'{span} is too long for a concat list')
+        return list(span)
     return ast.literal_eval(node)
 
 
@@ -289,11 +297,12 @@ def load_genotype(spec):
 #   pairs[node][p] mean pair probability pi of node_pairs(n_inputs)[p] (topology only)
 
 def _best_op(ops, w):
-    """Argmax over non-'none' candidates, with the margin to the runner-up (METHOD.md §12 asks for it)."""
-    ranked = sorted((x, op) for op, x in zip(ops, w) if op != 'none')
+    """Argmax over non-'none' candidates, with the margin to the runner-up (METHOD.md §12 asks for it). An exact
+    tie goes to the first candidate, as argmax."""
+    ranked = sorted((x, -j, op) for j, (op, x) in enumerate(zip(ops, w)) if op != 'none')
     best = ranked[-1]
     margin = best[0] - ranked[-2][0] if len(ranked) > 1 else math.inf
-    return best[1], best[0], margin
+    return best[2], best[0], margin
 
 
 def decode_darts_cell(ops_per_edge, weights, pairs=None):
@@ -336,7 +345,7 @@ def decode_nb201(weights, ops_per_edge=None, include_none=True):
     ops_per_edge = ops_per_edge or SPACES['nb201']['normal']
     chosen, margins = [], []
     for ops, w in zip(ops_per_edge, weights):
-        ranked = sorted((x, op) for x, op in zip(w, ops) if include_none or op != 'none')
-        chosen.append(ranked[-1][1])
-        margins.append({'op': ranked[-1][1], 'op_margin': ranked[-1][0] - ranked[-2][0]})
+        ranked = sorted((x, -j, op) for j, (x, op) in enumerate(zip(w, ops)) if include_none or op != 'none')
+        chosen.append(ranked[-1][2])   # an exact tie goes to the first candidate, as argmax
+        margins.append({'op': ranked[-1][2], 'op_margin': ranked[-1][0] - ranked[-2][0]})
     return nb201_str(chosen), margins

@@ -149,11 +149,13 @@ class _PatchTokens(torch.autograd.Function):
         b = (grad[..., c:] / std).masked_fill_(flat, 0.0)
         a = torch.addcmul(grad[..., :c], b, mean, value=-1.0).div_(ph * pw)
         b.div_(ph * pw)                                  # K x B x gh x gw x C
-        a, b = a.to(maps[0].dtype), b.to(maps[0].dtype)  # float32 tokens, gradients in the maps' precision
         grads = []
         if ctx.rows:  # a + f b over (pw C) runs, the runs of all K maps made at once
             a, b = _pw_runs(a, pw), _pw_runs(b, pw)
         for f, ak, bk, needed in zip(maps, a, b, ctx.needs_input_grad[1:]):
+            # float32 tokens, each map's gradient in its own precision: under autocast a node mixes bf16
+            # convolution maps with float32 identity and pool maps
+            ak, bk = ak.to(f.dtype), bk.to(f.dtype)
             v = _patches(f, *token.shape[2:4])
             if not needed:
                 grads.append(None)

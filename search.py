@@ -24,7 +24,7 @@ from analyze import MIDAS_ONLY, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
-from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_checkpoint, run_cli,
+from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_checkpoint, restoring, run_cli,
                    save_checkpoint, seed_everything, setup_distributed, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
@@ -32,8 +32,10 @@ CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token
                'key_offset', 'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset',
                'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup',
                'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
-               'detach_mixing']
-# flags newer than some checkpoints, with the value those were run with
+               'detach_mixing', 'momentum', 'weight_decay', 'grad_clip', 'arch_weight_decay', 'epoch_decode_samples',
+               'decode_samples', 'decode_none']
+# flags newer than some runs, with the value those were run with (a checkpoint older than a key that its run's
+# args.json holds is checked against args.json)
 ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False, 'detach_mixing': False,
               'edge_norm': False}
 
@@ -109,14 +111,15 @@ def get_args(argv=None):
     p.add_argument('--momentum', type=float, default=0.9, help='(default %(default)s)')
     p.add_argument('--weight-decay', type=float, default=3e-4, help='(default %(default)s)')
     p.add_argument('--grad-clip', type=float, default=5.0,
-                   help='gradient norm clip of the weight step (default %(default)s)')
+                   help='gradient norm clip of the weight step; 0 = off (default %(default)s)')
     p.add_argument('--arch-lr', type=float, default=3e-4,
                    help='Adam lr of the architecture step (default %(default)s)')
     p.add_argument('--arch-weight-decay', type=float, default=1e-3, help='(default %(default)s)')
     p.add_argument('--decode-samples', type=int, default=0,
-                   help='images of the search-train split used for the final decode (0 = all)')
+                   help='the first N images of the search-train split make the final decode (0 = all, the default)')
     p.add_argument('--epoch-decode-samples', type=int, default=2048,
-                   help='images for the per-epoch decode (default %(default)s)')
+                   help='the first N images of the search-train split make each epoch\'s decode (0 = all; '
+                        'default %(default)s)')
     p.add_argument('--decode-none', default='exclude', choices=['exclude', 'include'],
                    help="NB201 decoding: may 'none' win an edge? (METHOD.md §8 includes it; see README; "
                         "default %(default)s)")
@@ -128,7 +131,9 @@ def get_args(argv=None):
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA)')
     p.add_argument('--compile', action='store_true', help='torch.compile the supernet')
     p.add_argument('--report-freq', type=int, default=50, help='log every N iterations (default %(default)s)')
-    p.add_argument('--resume', default=None, metavar='RUN', help='continue the run in folder RUN')
+    p.add_argument('--resume', default=None, metavar='RUN',
+                   help="continue the run in folder RUN (with the flags it was started with; its --nb201-table "
+                        "unless another is given)")
     args = p.parse_args(argv)
     return args
 
@@ -138,20 +143,33 @@ def check_args(args):
     if args.topology is None:
         args.topology = args.method == 'midas' and space['kind'] == 'darts'
     cfg = ArchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ArchConfig)})  # one flag each
+    if args.arch_warmup is None:
+        args.arch_warmup = 5 if args.mean_shift else 0
     size = DATASETS[args.dataset]['size']
     if args.patch > size:
         raise RunError(f'--patch {args.patch} is larger than the {size}x{size} images; use 0 for global pooling')
-    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells'):
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells', 'report_freq'):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ('lr', 'arch_lr'):
+        if not 0 < getattr(args, name) < math.inf:   # NaN fails this too
+            raise RunError(f"--{name.replace('_', '-')} must be positive and finite")
+    for name in ('lr_min', 'weight_decay', 'arch_weight_decay', 'grad_clip', 'subset', 'arch_warmup'):
+        if not 0 <= getattr(args, name) < math.inf:
+            raise RunError(f"--{name.replace('_', '-')} must be a finite number, not negative")
+    if not 0 <= args.momentum < 1:
+        raise RunError('--momentum must be in [0, 1)')
+    if args.nb201_table and space['kind'] == 'nb201' and args.dataset not in NB201_COLUMNS:
+        raise RunError(f'NAS-Bench-201 has no {args.dataset} results to score cells with: drop --nb201-table')
     if space['kind'] == 'darts' and args.layers < 3:
         raise RunError('--layers must be at least 3 (a DARTS supernet has two reduction cells)')
-    if args.arch_warmup is None:
-        args.arch_warmup = 5 if args.mean_shift else 0
-    if args.mim < 0 or not 0 <= args.mim_ratio <= 1 or args.mim_patch < 1 or size % args.mim_patch:
+    if not 0 <= args.mim < math.inf or not 0 <= args.mim_ratio <= 1 or args.mim_patch < 1 or size % args.mim_patch:
         raise RunError(f'--mim needs a weight >= 0, --mim-ratio in [0, 1] and a --mim-patch dividing {size}')
-    if args.mean_shift and (args.ms_iters < 1 or args.ms_samples < 1 or args.ms_eps < 0 or args.ms_bandwidth <= 0):
+    if args.mean_shift and (args.ms_iters < 1 or args.ms_samples < 1 or not 0 <= args.ms_eps < math.inf
+                            or not 0 < args.ms_bandwidth < math.inf):
         raise RunError('--mean-shift needs --ms-iters >= 1, --ms-samples >= 1, --ms-eps >= 0, --ms-bandwidth > 0')
+    if args.decode_samples < 0 or args.epoch_decode_samples < 0:
+        raise RunError('--decode-samples and --epoch-decode-samples must be >= 0 (0 = all)')
     if not 0 < args.train_portion < 1:
         raise RunError('--train-portion must be between 0 and 1')
     return cfg
@@ -163,25 +181,31 @@ def check_args(args):
 NB201_COLUMNS = {'cifar10': 'c10', 'cifar100': 'c100', 'imagenet16-120': 'in16'}
 
 
-def load_nb201_table(path):
-    """arch string -> row of floats (columns as in shared/data/nb201_accuracies.csv)."""
+def load_nb201_table(path, dataset='cifar10'):
+    """arch string -> row of floats (columns as in shared/data/nb201_accuracies.csv); the dataset's valid and
+    test columns must be there."""
+    prefix = NB201_COLUMNS.get(dataset, 'c10')
     try:
         with open(path, newline='') as f:
             rows = list(csv.DictReader(f))
+        table = {r['arch']: {k: float(v) for k, v in r.items() if k not in ('arch', 'index') and v not in ('', None)}
+                 for r in rows}
     except OSError as e:
         raise RunError(f"cannot read --nb201-table '{path}': {e.strerror}") from None
-    if not rows or 'arch' not in rows[0] or 'c10_test' not in rows[0]:
-        raise RunError(f"'{path}' is not a NAS-Bench-201 table (needs columns arch, c10_valid, c10_test, ...)")
-    return {r['arch']: {k: float(v) for k, v in r.items() if k not in ('arch', 'index') and v not in ('', None)}
-            for r in rows}
+    except (ValueError, KeyError, TypeError, csv.Error) as e:   # a non-number, no arch column, a binary file
+        raise RunError(f"'{path}' is not a NAS-Bench-201 table of numbers ({type(e).__name__}: {e})") from None
+    if not rows or any(f'{prefix}_{c}' not in rows[0] for c in ('valid', 'test')):
+        raise RunError(f"'{path}' is not a NAS-Bench-201 table for {dataset} (needs columns arch, {prefix}_valid, "
+                       f"{prefix}_test)")
+    return table
 
 
 def nb201_score(table, arch, dataset):
     row = table.get(arch) if table else None
-    if row is None:
-        return None
     prefix = NB201_COLUMNS.get(dataset, 'c10')
-    return {'valid': row.get(f'{prefix}_valid'), 'test': row.get(f'{prefix}_test')}
+    if row is None or f'{prefix}_valid' not in row or f'{prefix}_test' not in row:   # a cell the table lacks
+        return None
+    return {'valid': row[f'{prefix}_valid'], 'test': row[f'{prefix}_test']}
 
 
 def use_channels_last(device):
@@ -246,6 +270,19 @@ def arch_step(model, arch_params, arch_opt, x, y, world, autocast, weights=()):
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
+def train_loss(model, x, y, mim=None, masking=None, detach_mixing=False):
+    """The weight step's loss on a search-train batch -> (loss, logits). With mim, the supernet sees x masked
+    (masking: a (masked x, mask) pair from mask_patches, drawn here when None) and the loss adds the
+    reconstruction of the masked pixels."""
+    if mim is None:
+        logits = model(x, detach_mixing=detach_mixing)
+        return F.cross_entropy(logits, y), logits
+    decoder, mim_weight, ratio, patch = mim
+    masked, mask = mask_patches(x, ratio, patch) if masking is None else masking
+    logits, fmap = model(masked, features=True, detach_mixing=detach_mixing)
+    return F.cross_entropy(logits, y) + mim_weight * mim_loss(decoder(fmap).float(), x, mask), logits
+
+
 def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=None, arch_params=(),
                 detach_mixing=False):
     """mim: (decoder, loss weight, mask ratio, mask patch) adds masked image modelling (alpha-DARTS):
@@ -256,22 +293,16 @@ def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=Non
     w_opt.zero_grad(set_to_none=True)
     with frozen(arch_params):
         with autocast():
-            if mim is None:
-                logits = model(x, detach_mixing=detach_mixing)
-                loss = F.cross_entropy(logits, y)
-            else:
-                decoder, mim_weight, ratio, patch = mim
-                masked, mask = mask_patches(x, ratio, patch)
-                logits, fmap = model(masked, features=True, detach_mixing=detach_mixing)
-                loss = F.cross_entropy(logits, y) + mim_weight * mim_loss(decoder(fmap).float(), x, mask)
+            loss, logits = train_loss(model, x, y, mim, detach_mixing=detach_mixing)
         loss.backward(inputs=weights)  # the architecture parameters get no gradient here
     all_reduce_mean([p.grad for p in weights], world)
-    torch.nn.utils.clip_grad_norm_(weights, grad_clip)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(weights, grad_clip)
     w_opt.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def mean_shift_offsets(model, x, y, args, autocast):
+def mean_shift_offsets(model, x, y, args, autocast, world=1):
     """MS-DARTS's mean-shift sampling (METHOD.md §11), as offsets to the mixing weights the cells use
     (softmax(alpha) for darts; the attention weights for midas, the offset broadcast over samples and
     patches). T rounds: N points drawn within +-eps of the current point, each weighted by the softmax
@@ -287,8 +318,10 @@ def mean_shift_offsets(model, x, y, args, autocast):
                 model.mix_offset = point
                 with autocast():
                     losses.append(F.cross_entropy(model(x), y).float())
+            losses = torch.stack(losses)
+            all_reduce_mean([losses], world)  # every rank moves to the same point: the losses of the global batch
             dist2 = torch.stack([sum(((p[t] - centre[t]) ** 2).sum() for t in types) for p in points])
-            weight = torch.stack(losses).softmax(0) * torch.exp(-dist2 / (2 * args.ms_bandwidth ** 2))
+            weight = losses.softmax(0) * torch.exp(-dist2 / (2 * args.ms_bandwidth ** 2))
             weight = weight / weight.sum()
             centre = {t: sum(w * p[t] for w, p in zip(weight, points)) for t in types}
     model.mix_offset = None
@@ -296,19 +329,21 @@ def mean_shift_offsets(model, x, y, args, autocast):
 
 
 def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, batch_train, lr, args, world,
-                       autocast):
+                       autocast, mim=None):
     """DARTS's second-order step: the gradient at w' = w - lr * dL_train/dw, with the Hessian-vector
-    product by finite differences (eps = 0.01 / ||dL_val/dw'||). Weights are restored afterwards."""
+    product by finite differences (eps = 0.01 / ||dL_val/dw'||). Weights are restored afterwards. L_train is
+    the weight step's loss (with mim, on one masking of the batch for the whole step)."""
     (x_val, y_val), (x_tr, y_tr) = batch_val, batch_train
     arch_opt.zero_grad(set_to_none=True)
     backup = [p.detach().clone() for p in weights]
+    masking = mask_patches(x_tr, *mim[2:]) if mim is not None else None
 
-    def train_loss(detach_mixing=False):
+    def loss_train(detach_mixing=False):
         with autocast():
-            return F.cross_entropy(model(x_tr, detach_mixing=detach_mixing), y_tr)
+            return train_loss(model, x_tr, y_tr, mim, masking, detach_mixing)[0]
 
     with frozen(arch_params):  # the virtual step takes the gradient the real weight step takes
-        g_train = torch.autograd.grad(train_loss(args.detach_mixing), weights)
+        g_train = torch.autograd.grad(loss_train(args.detach_mixing), weights)
     all_reduce_mean(list(g_train), world)
     with torch.no_grad():
         for p, g in zip(weights, g_train):  # the virtual SGD step, momentum and weight decay included
@@ -320,7 +355,8 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
     with autocast():
         logits = model(x_val)
         loss = F.cross_entropy(logits, y_val)
-    grads = torch.autograd.grad(loss, arch_params + weights)
+    # materialize_grads: the MIM decoder's weights, unused by the val loss, get zeros
+    grads = torch.autograd.grad(loss, arch_params + weights, materialize_grads=True)
     d_arch, d_w = list(grads[:len(arch_params)]), list(grads[len(arch_params):])
     all_reduce_mean(d_arch + d_w, world)
     eps = 0.01 / torch.cat([g.reshape(-1) for g in d_w]).norm().clamp_min(1e-12)
@@ -330,7 +366,7 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
             for p, b, g in zip(weights, backup, d_w):
                 p.copy_(b + sign * eps * g)
         with frozen(weights):
-            hessian.append(torch.autograd.grad(train_loss(), arch_params))
+            hessian.append(torch.autograd.grad(loss_train(), arch_params))
     with torch.no_grad():
         for p, b in zip(weights, backup):
             p.copy_(b)
@@ -382,22 +418,44 @@ def redecode(args):
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"cannot re-decode '{run}': it needs the args.json and weights.json of a finished search ({e})")
     settings['decode_none'] = args.decode_none
-    genotype, new = decode_weights(record['weights'], argparse.Namespace(**settings))
-    table = load_nb201_table(args.nb201_table) if args.nb201_table else None
+    try:
+        genotype, new = decode_weights(record['weights'], argparse.Namespace(**settings))
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+        raise RunError(f"cannot re-decode '{run}': its args.json and weights.json are not those of one finished "
+                       f"search ({type(e).__name__}: {e})") from None
+    table_path = args.nb201_table or settings.get('nb201_table')   # the run's own table, while it is there
+    if not args.nb201_table and not (table_path and os.path.isfile(table_path)):
+        table_path = None
+    table = load_nb201_table(table_path, settings['dataset']) if table_path else None
     score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
     write_result(run, genotype, new, settings['space'], score)
     print(f"{run}: {genotype}" + (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''))
     return genotype
 
 
+def started_with(run):
+    """The flags of run's args.json ({} when it has none that can be read)."""
+    try:
+        with open(os.path.join(run, 'args.json')) as f:
+            flags = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return flags if isinstance(flags, dict) else {}
+
+
 def decode_batches(loader, n_images, method):
-    """Un-augmented batches of the search-train split, at most n_images (0 = all). A static table needs
-    one batch: its weights do not depend on the input."""
-    limit = 1 if method == 'darts' else (math.ceil(n_images / loader.batch_size) if n_images else None)
-    for k, batch in enumerate(loader):
-        if limit is not None and k >= limit:
+    """Un-augmented batches of the first n_images (0 = all) of the search-train split: the same images at every
+    call, so every epoch's decode reads the same ones and a resumed run decodes what an uninterrupted one does.
+    A static table needs one batch: its weights do not depend on the input."""
+    n = loader.batch_size if method == 'darts' else (n_images or loader.n)
+    loader.rewind()
+    seen = 0
+    for x, y in loader:
+        take = min(len(y), n - seen)
+        yield x[:take], y[:take]
+        seen += take
+        if seen >= n:
             return
-        yield batch
 
 
 def min_margin(margins):
@@ -418,15 +476,18 @@ def main(argv=None):
     if args.resume:
         args.save = args.resume
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
-        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, keys, ADDED_KEYS)
+        older = {**ADDED_KEYS, **{k: v for k, v in started_with(args.resume).items() if k in CONFIG_KEYS}}
+        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, keys, older)
     elif args.save is None:
         args.save = os.path.join('runs', f"search-{args.space}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")
+    if args.resume and args.nb201_table is None:   # scoring changes nothing of the search: keep the run's table
+        args.nb201_table = started_with(args.resume).get('nb201_table')
+    table = load_nb201_table(args.nb201_table, args.dataset) if args.nb201_table else None
     log = Logger(args.save, rank)
     seed_everything(args.seed)
-    table = load_nb201_table(args.nb201_table) if args.nb201_table else None
 
     # Data: the training set split in two halves, search-train (weights) and search-val (architecture).
     meta = DATASETS[args.dataset]
@@ -459,18 +520,19 @@ def main(argv=None):
 
     start_epoch, history = 0, []
     if resume_state is not None:
-        model.load_state_dict(resume_state['model'])
-        if mim_decoder is not None:
-            mim_decoder.load_state_dict(resume_state['mim_decoder'])
-        w_opt.load_state_dict(resume_state['w_opt'])
-        arch_opt.load_state_dict(resume_state['arch_opt'])
-        scheduler.load_state_dict(resume_state['scheduler'])
-        train_q.load_state_dict(resume_state['train_q'])
-        val_q.load_state_dict(resume_state['val_q'])
-        torch.set_rng_state(resume_state['rng_cpu'])
-        if use_cuda and resume_state.get('rng_cuda') is not None:
-            torch.cuda.set_rng_state(resume_state['rng_cuda'], device)
-        start_epoch, history = resume_state['epoch'], resume_state['history']
+        with restoring(os.path.join(args.resume, 'checkpoint.pt')):
+            model.load_state_dict(resume_state['model'])
+            if mim_decoder is not None:
+                mim_decoder.load_state_dict(resume_state['mim_decoder'])
+            w_opt.load_state_dict(resume_state['w_opt'])
+            arch_opt.load_state_dict(resume_state['arch_opt'])
+            scheduler.load_state_dict(resume_state['scheduler'])
+            train_q.load_state_dict(resume_state['train_q'])
+            val_q.load_state_dict(resume_state['val_q'])
+            torch.set_rng_state(resume_state['rng_cpu'])
+            if use_cuda and resume_state.get('rng_cuda') is not None:
+                torch.cuda.set_rng_state(resume_state['rng_cuda'], device)
+            start_epoch, history = resume_state['epoch'], resume_state['history']
         log(f'resumed {args.save} at epoch {start_epoch}')
     else:
         if rank == 0:
@@ -498,11 +560,11 @@ def main(argv=None):
                     v_loss, v_ok = F.cross_entropy(logits, y_val), (logits.argmax(1) == y_val).sum()
             elif args.unrolled:
                 v_loss, v_ok = unrolled_arch_step(forward, arch_params, weights, arch_opt, w_opt, (x_val, y_val),
-                                                  (x_tr, y_tr), lr, args, world, autocast)
+                                                  (x_tr, y_tr), lr, args, world, autocast, mim)
             else:
                 v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast, weights)
             if args.mean_shift:
-                model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast)
+                model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast, world)
             t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim,
                                        arch_params, args.detach_mixing)
             model.mix_offset = None
@@ -511,6 +573,9 @@ def main(argv=None):
             it_log += 1
             if (step + 1) % args.report_freq == 0 or step + 1 == steps:
                 t = totals.tolist()  # the only host synchronisation, once per report
+                if not all(map(math.isfinite, t)):
+                    raise RunError(f'the loss is not finite at epoch {epoch + 1} step {step + 1} (a learning rate '
+                                   f'or loss weight too large?); the last checkpoint is of epoch {epoch}')
                 log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} lr {lr:.4f} '
                     f'train loss {t[0] / seen:.3f} acc {100 * t[1] / seen:.1f}% | '
                     f'val loss {t[2] / seen:.3f} acc {100 * t[3] / seen:.1f}% | '

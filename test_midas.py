@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -201,6 +202,31 @@ def test_tokens_of_bfloat16_maps_are_float32(channels):
     assert (std_bf16.float().permute(0, 2, 3, 1) - upcast[0, ..., channels:]).abs().max() > 0.03
     tokens.sum().backward()
     assert all(f.grad.dtype == torch.bfloat16 for f in maps)
+
+
+@pytest.mark.parametrize('layout', [torch.channels_last, torch.contiguous_format])
+def test_tokens_of_mixed_precision_maps(layout):
+    """Under autocast a node mixes bf16 convolution maps with float32 identity and pool maps: each map gets its
+    gradient in its own dtype, and a float32 map's at float32 precision, whatever the first map's dtype."""
+    g = torch.Generator().manual_seed(0)
+    conv, skip = (torch.randn(3, 16, 8, 8, generator=g).contiguous(memory_format=layout) for _ in range(2))
+    weight = torch.randn(2, 3, 2, 2, 32, generator=g)
+    maps = [conv.bfloat16().requires_grad_(), skip.clone().requires_grad_()]
+    (patch_tokens(maps, 2, 2, 'meanstd') * weight).sum().backward()
+    exact = skip.double().requires_grad_()
+    (patch_tokens([conv.double(), exact], 2, 2, 'meanstd') * weight.double()).sum().backward()
+    assert maps[0].grad.dtype == torch.bfloat16 and maps[1].grad.dtype == torch.float32
+    torch.testing.assert_close(maps[1].grad.double(), exact.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_ties_go_to_the_first_candidate():
+    assert G._best_op(['sep_conv_3x3', 'skip_connect'], [0.5, 0.5])[0] == 'sep_conv_3x3'
+    assert G._best_op(['skip_connect', 'sep_conv_3x3'], [0.5, 0.5])[0] == 'skip_connect'
+    ops = G.SPACES['nb201']['normal']   # none, skip, conv 1x1, conv 3x3, avg-pool
+    arch, _ = G.decode_nb201([[0.2] * 5] * 6, include_none=True)
+    assert arch == G.nb201_str(['none'] * 6)
+    arch, _ = G.decode_nb201([[0.2] * 5] * 6, include_none=False)
+    assert arch == G.nb201_str([ops[0][1]] * 6)
 
 
 @pytest.mark.parametrize('space,method', [('darts', 'midas'), ('darts', 'darts'), ('nb201', 'midas'),
@@ -555,10 +581,26 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path):
 
     r = run_script(*args, '--save', killed, '--resume', killed)
     assert r.returncode == 0, r.stderr
-    with open(os.path.join(full, 'genotype.json')) as f1, open(os.path.join(killed, 'genotype.json')) as f2:
-        assert json.load(f1) == json.load(f2)
+    for name in ('genotype.json', 'weights.json', 'history.json'):   # what it decoded from, too
+        with open(os.path.join(full, name)) as f1, open(os.path.join(killed, name)) as f2:
+            assert json.load(f1) == json.load(f2), name
     a, b = _arch_state(full), _arch_state(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_decode_reads_the_first_n_images_every_time():
+    """Every decode reads the same first n images of the split, exactly n, whatever was read before: the loader
+    keeps its position, and a decode that went on from it read a window that moved from epoch to epoch (and a
+    resumed run decoded other images than an uninterrupted one)."""
+    x, y = torch.randint(0, 256, (600, 3, 8, 8), dtype=torch.uint8), torch.arange(600)
+    q = data.GPULoader(x, y, 256, (0.5,) * 3, (0.25,) * 3, shuffle=False, drop_last=False, augment=False)
+    first = [yb for _, yb in search.decode_batches(q, 300, 'midas')]
+    assert [len(b) for b in first] == [256, 44] and torch.equal(torch.cat(first), torch.arange(300))
+    again = torch.cat([yb for _, yb in search.decode_batches(q, 300, 'midas')])
+    assert torch.equal(again, torch.arange(300))
+    assert torch.equal(torch.cat([yb for _, yb in search.decode_batches(q, 0, 'midas')]), torch.arange(600))
+    assert torch.equal(torch.cat([yb for _, yb in search.decode_batches(q, 5000, 'midas')]), torch.arange(600))
+    assert [len(yb) for _, yb in search.decode_batches(q, 300, 'darts')] == [256]  # a static table: one batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +620,13 @@ def _one_line_error(r, *words):
     (['--patch', '-1'], ['patch']),
     (['--patch', '2.5'], ['--patch']),
     (['--patch', '64'], ['larger than']),
+    (['--report-freq', '0'], ['--report-freq must be at least 1']),
+    (['--lr', 'nan'], ['--lr must be positive and finite']),
+    (['--grad-clip', '-1'], ['--grad-clip must be a finite number']),
+    (['--momentum', '1'], ['--momentum must be in [0, 1)']),
+    (['--mim', 'nan'], ['--mim needs']),
+    (['--decode-samples', '-5'], ['--decode-samples']),
+    (['--subset', '-100'], ['--subset must be']),
 ])
 def test_bad_flags(cifar, tmp_path, flags, words):
     _one_line_error(run_script('search.py', '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags), *words)
@@ -596,6 +645,26 @@ def test_missing_and_corrupt_data(cifar, tmp_path):
     _one_line_error(r, 'data_batch_1')
 
 
+def test_labels_out_of_range_and_tables_without_the_columns_are_refused_up_front(cifar, tmp_path):
+    bad = tmp_path / 'labels'
+    data.write_cifar_like(str(bad), 'cifar10', 100, 20)
+    path = bad / 'cifar-10-batches-py' / 'data_batch_1'
+    with open(path, 'rb') as f:
+        batch = pickle.load(f, encoding='bytes')
+    key = b'labels' if b'labels' in batch else 'labels'
+    batch[key] = [10] + list(batch[key])[1:]
+    with open(path, 'wb') as f:
+        pickle.dump(batch, f)
+    _one_line_error(run_script('search.py', '--data', str(bad), '--save', str(tmp_path / 'r'), *TINY),
+                    'labels outside 0..9')
+    table = tmp_path / 'table.csv'
+    table.write_text('arch,c10_test\n' + G.NB201_BEST + ',94.37\n')
+    r = run_script('search.py', '--data', cifar, '--save', str(tmp_path / 'r'), '--space', 'nb201',
+                   '--nb201-table', str(table), *TINY)
+    _one_line_error(r, 'needs columns arch, c10_valid, c10_test')
+    assert not os.path.exists(tmp_path / 'r')
+
+
 def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     save = str(tmp_path / 'run')
     search.main(['--data', cifar, '--save', save, '--space', 's2', *TINY])
@@ -605,11 +674,27 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     _one_line_error(r, '--resume')
     # a checkpoint from before --key-offset, --token-before-bn, --score-bias, --detach-mixing and --edge-norm
     # existed resumes as the run it was (none of them), and only as that
-    ckpt = os.path.join(save, 'checkpoint.pt')
+    for flags in (['--grad-clip', '1'], ['--momentum', '0.5'], ['--weight-decay', '0'], ['--decode-samples', '8']):
+        r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *TINY, *flags)
+        _one_line_error(r, 'another configuration', flags[0][2:].replace('-', '_'))
+    # a checkpoint from before a key existed is checked against the run's args.json; before --key-offset,
+    # --token-before-bn, --score-bias, --detach-mixing and --edge-norm existed (and so were in no args.json
+    # either), it resumes as the run it was (none of them), and only as that
+    ckpt, flags_file = os.path.join(save, 'checkpoint.pt'), os.path.join(save, 'args.json')
     state = torch.load(ckpt, weights_only=False)
-    for key in search.ADDED_KEYS:
+    for key in [*search.ADDED_KEYS, 'grad_clip']:
         del state['config'][key]
     torch.save(state, ckpt)
+    with open(flags_file) as f:
+        started = json.load(f)
+    started['grad_clip'] = 2.0   # what the run was started with, as its args.json says
+    with open(flags_file, 'w') as f:
+        json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
+    r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', '--no-edge-norm', *TINY)
+    _one_line_error(r, 'another configuration', 'grad_clip=2.0')
+    started['grad_clip'] = 5.0
+    with open(flags_file, 'w') as f:
+        json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
     old = ['--no-edge-norm']   # the one of them on by default today
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--detach-mixing', '--edge-norm'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
@@ -845,7 +930,7 @@ DARTS_COUNTS = {
     ('DARTS_V2', 'cifar100'): (3401272, 3946908), ('DARTS_V2', 'imagenet'): (4718752, 5979528),
 }
 # C16 N5 for 10 / 100 / 120 classes, measured with the NAS-Bench-201 code
-NB201_COUNTS = {G.NB201_BEST: (1288506, 1294356, 1295656), NB201_ALL_SKIP: (73306, 79156, 80456)}
+NB201_COUNTS = {G.NB201_PAPER: (1288506, 1294356, 1295656), NB201_ALL_SKIP: (73306, 79156, 80456)}
 
 
 def _train_cli(capsys, *argv):
@@ -977,11 +1062,23 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'DARTS_V2', '--layers', '2'], ['--layers must be at least 3']),
     (['--resume', 'NOWHERE'], ['no train.py run to resume']),
     (['--eval', 'NOWHERE'], ['no checkpoint']),
+    (['--genotype', "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+                    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=[0])"], ['must name nodes 2..2']),
+    (['--genotype', "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+                    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=range(10**12))"],
+     ['malformed genotype literal']),
+    (['--genotype', '|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2||'], ['malformed NAS-Bench-201']),
+    (['--genotype', 'ARCH_123'], ['expected a string']),
+    (['--genotype', 'DARTS_V2', '--momentum', 'nan'], ['--momentum must be in [0, 1)']),
+    (['--genotype', 'DARTS_V2', '--lr', 'inf'], ['--lr must be positive and finite']),
 ])
 def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
     s2 = tmp_path / 'genotype.json'
     s2.write_text(json.dumps(S2_WITH_5X5))
-    flags = [{'S2_JSON': str(s2), 'NOWHERE': str(tmp_path / 'nowhere')}.get(f, f) for f in flags]
+    arch = tmp_path / 'arch.json'
+    arch.write_text(json.dumps({'arch': 123}))
+    flags = [{'S2_JSON': str(s2), 'NOWHERE': str(tmp_path / 'nowhere'), 'ARCH_123': str(arch)}.get(f, f)
+             for f in flags]
     save = tmp_path / 'run'
     _one_line_error(_train_cli(capsys, '--data', cifar, '--save', str(save), *TRAIN_TINY, *flags), *words)
     assert not save.exists()
@@ -1126,20 +1223,29 @@ def test_detach_mixing_changes_only_midas_weight_gradient():
             assert not torch.allclose(grads[1], grads[0]) and grads[1].abs().sum() > 0
 
 
-@pytest.mark.parametrize('method', ['midas', 'darts'])
-def test_unrolled_step_at_zero_lr_is_the_first_order_step(method):
+@pytest.mark.parametrize('method, mim', [('midas', False), ('darts', False), ('midas', True)])
+def test_unrolled_step_at_zero_lr_is_the_first_order_step(method, mim):
     """--unrolled: at weight lr 0 the virtual step stays at w and the Hessian term vanishes, so the
-    architecture gradient is the first-order one; the weights are restored exactly."""
+    architecture gradient is the first-order one; the weights are restored exactly. With --mim the virtual
+    step takes the weight step's loss, the MIM decoder's weights among the weights (the val loss leaves them
+    unused: zeros, not an error)."""
+    from model import MIMDecoder
     from search import arch_step, unrolled_arch_step
     grads = []
     for unrolled in (False, True):
         model, weights, opt, x, y = _step_setup(method, 'darts')
+        masking = None
+        if mim:
+            decoder = MIMDecoder(model.feature_channels, model.feature_stride)
+            weights = weights + list(decoder.parameters())
+            opt = torch.optim.SGD(weights, 0.1, momentum=0.9)
+            masking = (decoder, 1.0, 0.5, 4)
         arch = model.arch_parameters()
         arch_opt = torch.optim.SGD(arch, 0.0)
         before = [p.detach().clone() for p in weights]
         if unrolled:
             unrolled_arch_step(model, arch, weights, arch_opt, opt, (x, y), (x.flip(0), y.flip(0)), 0.0,
-                               search.get_args([]), 1, _no_autocast)
+                               search.get_args([]), 1, _no_autocast, masking)
         else:
             arch_step(model, arch, arch_opt, x, y, 1, _no_autocast, weights)
         assert all(torch.equal(a, p) for a, p in zip(before, weights))

@@ -14,7 +14,9 @@ Writes into the run folder: log.txt, args.json, genotype.json, history.json, che
 epoch) and report.json (at the end).
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -158,12 +160,26 @@ def load_checkpoint(path, config, keys, older=None):
         state = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); delete it to start afresh") from None
+    if not isinstance(state, dict) or not isinstance(state.get('config', {}), dict):
+        raise RunError(f"'{path}' is not a checkpoint of this project; delete it to start afresh")
     saved = {**(older or {}), **state.get('config', {})}
     for k in keys:
         if saved.get(k) != config.get(k):
             raise RunError(f"checkpoint '{path}' is from another configuration: {k}={saved.get(k)!r}, "
                            f"this run has {k}={config.get(k)!r}")
     return state
+
+
+@contextlib.contextmanager
+def restoring(path):
+    """A checkpoint that loads but does not fit the run (an entry missing, a tensor of another shape) -> one
+    clear error instead of a traceback from deep inside load_state_dict."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
+        reason = (str(e).strip().splitlines() or [''])[0][:200]
+        raise RunError(f"checkpoint '{path}' does not fit this run ({type(e).__name__}: {reason}); "
+                       "delete it to start afresh") from None
 
 
 def format_eta(seconds):
@@ -312,11 +328,13 @@ def resolve_args(args):
         value = getattr(args, name)
         if value is not None and value < (0 if name == 'workers' else 1):
             raise RunError(f"--{name.replace('_', '-')} must be at least {0 if name == 'workers' else 1}")
-    for name in ('cutout', 'auxiliary_weight', 'grad_clip', 'weight_decay', 'momentum', 'subset'):
-        if getattr(args, name) < 0:
-            raise RunError(f"--{name.replace('_', '-')} must not be negative")
-    if not args.lr > 0 or not 0 < args.lr_gamma <= 1:
-        raise RunError('--lr must be positive and --lr-gamma in (0, 1]')
+    for name in ('cutout', 'auxiliary_weight', 'grad_clip', 'weight_decay', 'subset'):
+        if not 0 <= getattr(args, name) < math.inf:   # NaN fails this too
+            raise RunError(f"--{name.replace('_', '-')} must be a finite number, not negative")
+    if not 0 <= args.momentum < 1:
+        raise RunError('--momentum must be in [0, 1)')
+    if not 0 < args.lr < math.inf or not 0 < args.lr_gamma <= 1:
+        raise RunError('--lr must be positive and finite and --lr-gamma in (0, 1]')
     if not 0 <= args.drop_path < 1 or not 0 <= args.label_smoothing < 1:
         raise RunError('--drop-path and --label-smoothing must be in [0, 1)')
     if not nb201 and args.layers < 3:
@@ -471,14 +489,21 @@ def evaluate_checkpoint(args):
         raise RunError(f"'{path}' is not a train.py checkpoint")
     if args.dataset not in (None, config['dataset']):
         raise RunError(f"'{path}' was trained on {config['dataset']}, not {args.dataset}")
-    # The run's network and dataset; the whole test set unless --subset says otherwise.
+    # The run's network and dataset (and data folder, from its args.json); the whole test set unless --subset
+    # says otherwise.
     _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'args.json')) as f:
+            _fill(args, {'data': json.load(f).get('data')})
+    except (OSError, ValueError, AttributeError):
+        pass
     _fill(args, GENERAL)
     genotype = genotype_from_json(config['genotype'])[0]
     rank, world, device = setup_distributed(args.device)
     _, test_q, limit = make_queues(args, device, rank, world, train=False)
     model = build_model(genotype, args.dataset, args.init_channels, args.layers, args.cells, args.auxiliary_weight > 0)
-    model.load_state_dict(state['model'])
+    with restoring(path):
+        model.load_state_dict(state['model'])
     model.to(device)
     if device.type == 'cuda':
         model = model.to(memory_format=torch.channels_last)
@@ -544,17 +569,18 @@ def main(argv=None):
     log = Logger(args.save, rank)
     start_epoch, history, wall = 0, [], 0.0
     if state is not None:
-        raw.load_state_dict(state['model'])
-        opt.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        if state['train_q'] is not None:
-            train_q.load_state_dict(state['train_q'])
-        if rank < len(state['rng']):  # extra ranks of a wider restart keep their seed
-            torch.set_rng_state(state['rng'][rank]['cpu'])
-            if use_cuda and state['rng'][rank]['cuda'] is not None:
-                torch.cuda.set_rng_state(state['rng'][rank]['cuda'], device)
-        start_epoch, history, wall = state['epoch'], state['history'], state['wall_time']
+        with restoring(os.path.join(args.save, 'checkpoint.pt')):
+            raw.load_state_dict(state['model'])
+            opt.load_state_dict(state['optimizer'])
+            scheduler.load_state_dict(state['scheduler'])
+            scaler.load_state_dict(state['scaler'])
+            if state['train_q'] is not None:
+                train_q.load_state_dict(state['train_q'])
+            if rank < len(state['rng']):  # extra ranks of a wider restart keep their seed
+                torch.set_rng_state(state['rng'][rank]['cpu'])
+                if use_cuda and state['rng'][rank]['cuda'] is not None:
+                    torch.cuda.set_rng_state(state['rng'][rank]['cuda'], device)
+            start_epoch, history, wall = state['epoch'], state['history'], state['wall_time']
         log(f'resumed {args.save} at epoch {start_epoch}')
     aux = f'{n_with_aux:,} with the auxiliary head' if n_with_aux != n_params else 'no auxiliary head'
     log(f'{type(raw).__name__} {genotype} on {args.dataset}: {n_params:,} parameters ({aux}); '
