@@ -77,9 +77,13 @@ def _read_batch(path, label_key, size):
     if 'data' not in d or label_key not in d:
         raise DataError(f"{path} lacks the 'data' or '{label_key}' entry of an official batch file")
     try:
-        x, y = np.asarray(d['data'], dtype=np.uint8), np.asarray(d[label_key], dtype=np.int64).reshape(-1)
+        raw, y = np.asarray(d['data']), np.asarray(d[label_key]).reshape(-1)
+        if raw.dtype != np.uint8 or y.dtype.kind not in 'iu':   # uint8 pixels and integer labels, as the official files
+            raise TypeError(f"pixels of type {raw.dtype}, labels of type {y.dtype}")
+        x, y = raw, y.astype(np.int64)
     except (TypeError, ValueError) as e:
-        raise DataError(f"{path} holds 'data' or '{label_key}' that are not arrays of numbers ({e})") from e
+        raise DataError(f"{path} holds 'data' or '{label_key}' that are not the official uint8 pixels and integer "
+                        f"labels ({str(e)[:120]}); delete it and fetch the dataset again") from None
     if x.size != len(y) * 3 * size * size:
         raise DataError(f"{path} has {x.size} bytes of images for {len(y)} labels of {3 * size * size} bytes each")
     return x.reshape(-1, 3, size, size), y

@@ -627,6 +627,7 @@ def _one_line_error(r, *words):
     (['--mim', 'nan'], ['--mim needs']),
     (['--decode-samples', '-5'], ['--decode-samples']),
     (['--subset', '-100'], ['--subset must be']),
+    (['--device', 'meta'], ["device 'meta' is not supported"]),
 ])
 def test_bad_flags(cifar, tmp_path, flags, words):
     _one_line_error(run_script('search.py', '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags), *words)
@@ -657,6 +658,12 @@ def test_labels_out_of_range_and_tables_without_the_columns_are_refused_up_front
         pickle.dump(batch, f)
     _one_line_error(run_script('search.py', '--data', str(bad), '--save', str(tmp_path / 'r'), *TINY),
                     'labels outside 0..9')
+    batch[key] = [0] + batch[key][1:]
+    batch[b'data' if b'data' in batch else 'data'] = batch[b'data' if b'data' in batch else 'data'] * 300.0
+    with open(path, 'wb') as f:   # float pixels would wrap around silently in a cast to uint8
+        pickle.dump(batch, f)
+    _one_line_error(run_script('search.py', '--data', str(bad), '--save', str(tmp_path / 'r'), *TINY),
+                    'not the official uint8 pixels')
     table = tmp_path / 'table.csv'
     table.write_text('arch,c10_test\n' + G.NB201_BEST + ',94.37\n')
     r = run_script('search.py', '--data', cifar, '--save', str(tmp_path / 'r'), '--space', 'nb201',

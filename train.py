@@ -61,6 +61,10 @@ def pick_device(name='auto'):
         device = torch.device(name)
     except RuntimeError:
         raise RunError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ('cpu', 'cuda', 'mps'):   # 'meta' and the like hold no data to train on
+        raise RunError(f"device '{name}' is not supported (use auto, cpu, cuda or cuda:N)")
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise RunError(f"device '{name}' requested but MPS is not available")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise RunError(f"device '{name}' requested but CUDA is not available")
     return device
