@@ -416,8 +416,9 @@ class GPULoader:
 # ----------------------------------------------------------------------------------------------
 # ImageNet (class folders, too large for memory): torchvision's pipeline, DARTS's mobile augmentation
 
-def imagenet_loader(root, train, batch_size, workers, distributed=False):
-    """DataLoader over root/train or root/val; with distributed=True call loader.sampler.set_epoch(e) each epoch."""
+def imagenet_loader(root, train, batch_size, workers, distributed=False, seed=0):
+    """DataLoader over root/train or root/val; with distributed=True call loader.sampler.set_epoch(e) each epoch
+    (the sampler's order then follows seed, as the single-process shuffle follows torch's seed)."""
     tv = _torchvision()
     T = tv.transforms
     folder = os.path.join(os.path.expanduser(os.fspath(root)), 'train' if train else 'val')
@@ -430,7 +431,7 @@ def imagenet_loader(root, train, batch_size, workers, distributed=False):
     else:
         tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
     ds = tv.datasets.ImageFolder(folder, tf)
-    sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=train) if distributed else None
+    sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=train, seed=seed) if distributed else None
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                                        num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=train,
                                        persistent_workers=workers > 0)

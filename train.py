@@ -370,7 +370,7 @@ def make_queues(args, device, rank, world, train=True):
     keeps its slice, and takes a contiguous part of the test set. ImageNet goes through torchvision."""
     if args.dataset == 'imagenet':
         per_rank = args.batch_size // world
-        train_q = imagenet_loader(args.data, True, per_rank, args.workers, world > 1) if train else None
+        train_q = imagenet_loader(args.data, True, per_rank, args.workers, world > 1, args.seed) if train else None
         test_q = imagenet_loader(args.data, False, per_rank, args.workers, world > 1)
         # DistributedSampler pads the test set with repeats up to a multiple of world: count only the real ones.
         return train_q, test_q, len(range(rank, len(test_q.dataset), world))
