@@ -1108,8 +1108,8 @@ def test_train_bad_input_from_the_command_line(cifar, tmp_path):
 def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, one_thread):
     made = []
 
-    def loader(root, is_train, batch_size, workers, distributed=False):  # data.imagenet_loader without torchvision
-        made.append((is_train, batch_size, distributed))
+    def loader(root, is_train, batch_size, workers, distributed=False, seed=0):  # imagenet_loader, no torchvision
+        made.append((is_train, batch_size, distributed) + ((seed,) if is_train else ()))
         g = torch.Generator().manual_seed(int(is_train))
         n = 4 if is_train else 3
         ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 224, 224, generator=g),
@@ -1120,8 +1120,8 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
     save = str(tmp_path / 'run')
     report = train.main(['--genotype', 'DARTS_V2', '--dataset', 'imagenet', '--data', str(tmp_path), '--save', save,
                          '--epochs', '2', '--batch-size', '2', '--init-channels', '4', '--layers', '3',
-                         '--device', 'cpu'])
-    assert made == [(True, 2, False), (False, 2, False)] and report['network'] == 'NetworkImageNet'
+                         '--device', 'cpu', '--seed', '3'])
+    assert made == [(True, 2, False, 3), (False, 2, False)] and report['network'] == 'NetworkImageNet'
     with open(os.path.join(save, 'history.json')) as f:
         history = json.load(f)
     assert [h['lr'] for h in history] == pytest.approx([0.1, 0.097])  # step decay 0.97 per epoch
