@@ -626,6 +626,9 @@ def nb201_results(runs):
     return table(['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch'], rows)
 
 
+MAX_MOSAIC_IMAGES = 64
+
+
 def get_args(argv=None):
     p = Parser(description='Cell diagrams, mosaic maps and weight statistics of MIDAS / DARTS searches')
     sub = p.add_subparsers(dest='command', required=True, metavar='{diagram,mosaic,report,compare,nb201}')
@@ -642,7 +645,7 @@ def get_args(argv=None):
         s.add_argument('--download', action=argparse.BooleanOptionalAction, default=False,
                        help='fetch CIFAR when absent from --data (off: the run already has its data)')
         s.add_argument('--split', default='test', choices=['test', 'train'])
-        s.add_argument('--images', type=int, default=4, help='images per mosaic')
+        s.add_argument('--images', type=int, default=4, help='images per mosaic (at most 64; default %(default)s)')
         s.add_argument('--cells', default=None, help='search cells to draw, e.g. 0,1 (default all)')
         s.add_argument('--edges', default=None, help='edges to draw, e.g. 0,3 in edge order (default all)')
         s.add_argument('--out', default=None, help='output folder (default RUN/analysis)')
@@ -661,6 +664,8 @@ def get_args(argv=None):
     for k in ('images', 'batch_size', 'samples', 'bins'):
         if getattr(args, k, 1) < 1:
             raise RunError(f"--{k.replace('_', '-')} must be at least 1")
+    if getattr(args, 'images', 1) > MAX_MOSAIC_IMAGES:   # one panel row per image: a huge PNG past this
+        raise RunError(f'--images: a mosaic holds at most {MAX_MOSAIC_IMAGES} images')
     return args
 
 
@@ -672,8 +677,15 @@ def main(argv=None):
             print(f'wrote {path}')
         return
     if args.command in ('compare', 'nb201'):
-        text = (compare_markdown([load_analysis(r) for r in args.runs]) if args.command == 'compare'
-                else nb201_results(args.runs))
+        if args.command == 'compare':
+            analyses = [load_analysis(r) for r in args.runs]
+            try:
+                text = compare_markdown(analyses)
+            except (KeyError, TypeError, IndexError, AttributeError, StopIteration, ValueError) as e:
+                raise RunError(f"these are not analysis.json files of `analyze.py report` ({type(e).__name__}: "
+                               f"{e})") from None
+        else:
+            text = nb201_results(args.runs)
         print(text)
         if args.out:
             write_bytes(args.out, text.encode())

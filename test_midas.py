@@ -916,6 +916,12 @@ def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
         analyze.main(['report', '--run', save, '--data', cifar, '--cells', '3'])
     with pytest.raises(ValueError, match='cannot read genotype'):
         analyze.main(['diagram', '--genotype', 'nonsense'])
+    with pytest.raises(analyze.RunError, match='at most 64'):
+        analyze.main(['mosaic', '--run', save, '--images', '100000'])
+    broken = tmp_path / 'broken.json'
+    broken.write_text(json.dumps({'cells': [{'grid': [1, 1]}], 'settings': {}}))
+    with pytest.raises(analyze.RunError, match='not analysis.json files'):
+        analyze.main(['compare', str(broken)])
 
 
 # ---- train.py (issue 3) ----
