@@ -483,7 +483,10 @@ def load_analysis(path):
 def compare_markdown(analyses):
     """One table per statistic: a row per run, a column per search cell, and their mean."""
     n_cells = max(len(a['cells']) for a in analyses)
-    types = next(a for a in analyses if len(a['cells']) == n_cells)['cells']
+    # the column's cell type where every run agrees on it (a DARTS-space and an NB201 run, or different --layers,
+    # put reductions at different places); the grid table gives each run's own
+    kinds = [{a['cells'][i]['type'] for a in analyses if i < len(a['cells'])} for i in range(n_cells)]
+    column = [f'cell {i} ({kind.pop()})' if len(kind) == 1 else f'cell {i}' for i, kind in enumerate(kinds)]
     metrics = [('grid', 'Patch grid per cell')] + [
         ('entropy', 'Normalised entropy of the mean weights per edge (lower = sharper)'),
         ('margin', 'Top-1 margin of the mean weights per edge (higher = sharper)'),
@@ -493,12 +496,13 @@ def compare_markdown(analyses):
         ('unimodal_share', 'Share of unimodal per-op weight distributions (Sarle b < 5/9)')]
     md = []
     for key, caption in metrics:
-        header = ['run', 'method', 'patch'] + [f"cell {c['cell']} ({c['type']})" for c in types]
+        header = ['run', 'method', 'patch'] + column
         rows = []
         for a in analyses:
             s = a['settings']
             if key == 'grid':
-                values = ['{}x{}'.format(*c['grid']) for c in a['cells']] + [''] * (n_cells - len(a['cells']))
+                values = (['{}x{} ({})'.format(*c['grid'], c['type']) for c in a['cells']]
+                          + [''] * (n_cells - len(a['cells'])))
             else:
                 values = [fmt(c[key]) for c in a['cells']] + ['–'] * (n_cells - len(a['cells']))
                 values.append(fmt(a['summary'][key]))
@@ -584,7 +588,8 @@ def default_warmup(s):
 
 def budget_name(s):
     """The search budget of a run's settings: epochs, channels, cells per stage, images."""
-    images = f"{s['subset'] // 1000}k img" if s.get('subset') else 'all img'
+    n = s.get('subset')
+    images = 'all img' if not n else f'{n // 1000}k img' if n % 1000 == 0 else f'{n:,} img'
     return f"{s.get('epochs')} ep, {s.get('init_channels')} ch, {s.get('cells')} cell/stage, {images}"
 
 

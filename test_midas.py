@@ -880,7 +880,15 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     text = analyze.main(['compare', runs[0], os.path.join(runs[4], 'analysis', 'analysis.json'), '--out', table])
     assert open(table).read() == text
     rows = [line for line in text.splitlines() if line.startswith('| p0 ') or line.startswith('| p4 ')]
-    assert len(rows) == 6 * 2 and 'cell 2 (normal)' in text and '| 8x8 | 4x4 | 2x2 |' in text
+    assert len(rows) == 6 * 2 and 'cell 2 (normal)' in text
+    assert '| 8x8 (normal) | 4x4 (normal) | 2x2 (normal) |' in text
+    # runs whose cells differ in type: no column claims one type for all of them, each grid names its own
+    stats = dict(entropy=0.5, margin=0.1, patch_entropy=0.5, class_eta2=0.01, unimodal_share=1.0)
+    fake = lambda name, types: {'name': name, 'settings': {'method': 'midas', 'patch': 4}, 'summary': stats,  # noqa
+                                'cells': [dict(cell=i, type=t, grid=[2, 2], **stats) for i, t in enumerate(types)]}
+    text = analyze.compare_markdown([fake('a', ['normal', 'normal']), fake('b', ['normal', 'reduce', 'reduce'])])
+    assert '| cell 0 (normal) | cell 1 | cell 2 (reduce) |' in text and '| 2x2 (normal) | 2x2 (reduce) |' in text
+    assert analyze.budget_name({'epochs': 1, 'init_channels': 4, 'cells': 1, 'subset': 512}).endswith(', 512 img')
     # a run older than --edge-norm (neither its args.json nor its checkpoint name it) is rebuilt as it ran
     assert model.cfg.edge_norm
     old = str(tmp_path / 'old')
