@@ -185,6 +185,9 @@ def load_dataset(name, root, train=True, download=True):
     imagenet16-120 reads NAS-Bench-201's root/ImageNet16/{train_data_batch_1..10, val_data}.
     """
     root = os.path.expanduser(os.fspath(root))
+    if name == 'imagenet':
+        raise DataError("imagenet is a class-folder dataset too large to hold in memory; "
+                        "use imagenet_loader(root, ...)")
     if name in _CIFAR:
         x, y = _load_cifar(name, root, train, download)
     elif name == 'imagenet16-120':
@@ -192,17 +195,12 @@ def load_dataset(name, root, train=True, download=True):
     elif name == 'svhn':
         x, y = _load_svhn(root, train, download)
     else:
-        x = None
-    if x is not None:
-        classes = DATASETS[name]['num_classes']
-        if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):   # found now, not mid-epoch
-            raise DataError(f"{name} in {root} has labels outside 0..{classes - 1} ({int(y.min())}..{int(y.max())}): "
-                            "the files are not the official ones; delete them and fetch the dataset again")
-        return x, y
-    if name == 'imagenet':
-        raise DataError("imagenet is a class-folder dataset too large to hold in memory; "
-                        "use imagenet_loader(root, ...)")
-    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    classes = DATASETS[name]['num_classes']
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):   # found now, not mid-epoch
+        raise DataError(f"{name} in {root} has labels outside 0..{classes - 1} ({int(y.min())}..{int(y.max())}): "
+                        "the files are not the official ones; delete them and fetch the dataset again")
+    return x, y
 
 
 def split_indices(n, train_portion, seed=None):

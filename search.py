@@ -25,7 +25,7 @@ from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_checkpoint, restoring, run_cli,
-                   save_checkpoint, seed_everything, setup_distributed, write_json)
+                   save_checkpoint, seed_everything, setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
@@ -154,7 +154,8 @@ def check_args(args):
     for name in ('lr', 'arch_lr'):
         if not 0 < getattr(args, name) < math.inf:   # NaN fails this too
             raise RunError(f"--{name.replace('_', '-')} must be positive and finite")
-    for name in ('lr_min', 'weight_decay', 'arch_weight_decay', 'grad_clip', 'subset', 'arch_warmup'):
+    for name in ('lr_min', 'weight_decay', 'arch_weight_decay', 'grad_clip', 'subset', 'arch_warmup', 'decode_samples',
+                 'epoch_decode_samples'):
         if not 0 <= getattr(args, name) < math.inf:
             raise RunError(f"--{name.replace('_', '-')} must be a finite number, not negative")
     if not 0 <= args.momentum < 1:
@@ -168,8 +169,6 @@ def check_args(args):
     if args.mean_shift and (args.ms_iters < 1 or args.ms_samples < 1 or not 0 <= args.ms_eps < math.inf
                             or not 0 < args.ms_bandwidth < math.inf):
         raise RunError('--mean-shift needs --ms-iters >= 1, --ms-samples >= 1, --ms-eps >= 0, --ms-bandwidth > 0')
-    if args.decode_samples < 0 or args.epoch_decode_samples < 0:
-        raise RunError('--decode-samples and --epoch-decode-samples must be >= 0 (0 = all)')
     if not 0 < args.train_portion < 1:
         raise RunError('--train-portion must be between 0 and 1')
     return cfg
@@ -338,12 +337,12 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
     backup = [p.detach().clone() for p in weights]
     masking = mask_patches(x_tr, *mim[2:]) if mim is not None else None
 
-    def loss_train(detach_mixing=False):
+    def l_train(detach_mixing=False):
         with autocast():
             return train_loss(model, x_tr, y_tr, mim, masking, detach_mixing)[0]
 
     with frozen(arch_params):  # the virtual step takes the gradient the real weight step takes
-        g_train = torch.autograd.grad(loss_train(args.detach_mixing), weights)
+        g_train = torch.autograd.grad(l_train(args.detach_mixing), weights)
     all_reduce_mean(list(g_train), world)
     with torch.no_grad():
         for p, g in zip(weights, g_train):  # the virtual SGD step, momentum and weight decay included
@@ -366,7 +365,7 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
             for p, b, g in zip(weights, backup, d_w):
                 p.copy_(b + sign * eps * g)
         with frozen(weights):
-            hessian.append(torch.autograd.grad(loss_train(), arch_params))
+            hessian.append(torch.autograd.grad(l_train(), arch_params))
     with torch.no_grad():
         for p, b in zip(weights, backup):
             p.copy_(b)
@@ -433,16 +432,6 @@ def redecode(args):
     return genotype
 
 
-def started_with(run):
-    """The flags of run's args.json ({} when it has none that can be read)."""
-    try:
-        with open(os.path.join(run, 'args.json')) as f:
-            flags = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return flags if isinstance(flags, dict) else {}
-
-
 def decode_batches(loader, n_images, method):
     """Un-augmented batches of the first n_images (0 = all) of the search-train split: the same images at every
     call, so every epoch's decode reads the same ones and a resumed run decodes what an uninterrupted one does.
@@ -475,16 +464,17 @@ def main(argv=None):
     resume_state = None
     if args.resume:
         args.save = args.resume
+        started = started_with(args.resume)
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
-        older = {**ADDED_KEYS, **{k: v for k, v in started_with(args.resume).items() if k in CONFIG_KEYS}}
+        older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}
         resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, keys, older)
+        if args.nb201_table is None:   # scoring changes nothing of the search: keep the run's table
+            args.nb201_table = started.get('nb201_table')
     elif args.save is None:
         args.save = os.path.join('runs', f"search-{args.space}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")
-    if args.resume and args.nb201_table is None:   # scoring changes nothing of the search: keep the run's table
-        args.nb201_table = started_with(args.resume).get('nb201_table')
     table = load_nb201_table(args.nb201_table, args.dataset) if args.nb201_table else None
     log = Logger(args.save, rank)
     seed_everything(args.seed)

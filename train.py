@@ -174,6 +174,16 @@ def load_checkpoint(path, config, keys, older=None):
     return state
 
 
+def started_with(run):
+    """The flags of run's args.json ({} when it has none that can be read)."""
+    try:
+        with open(os.path.join(run, 'args.json')) as f:
+            flags = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return flags if isinstance(flags, dict) else {}
+
+
 @contextlib.contextmanager
 def restoring(path):
     """A checkpoint that loads but does not fit the run (an entry missing, a tensor of another shape) -> one
@@ -496,11 +506,7 @@ def evaluate_checkpoint(args):
     # The run's network and dataset (and data folder, from its args.json); the whole test set unless --subset
     # says otherwise.
     _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})
-    try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(path)), 'args.json')) as f:
-            _fill(args, {'data': json.load(f).get('data')})
-    except (OSError, ValueError, AttributeError):
-        pass
+    _fill(args, {'data': started_with(os.path.dirname(os.path.abspath(path))).get('data')})
     _fill(args, GENERAL)
     genotype = genotype_from_json(config['genotype'])[0]
     rank, world, device = setup_distributed(args.device)
