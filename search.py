@@ -276,16 +276,16 @@ def train_loss(model, x, y, mim=None, masking=None, detach_mixing=False):
     if mim is None:
         logits = model(x, detach_mixing=detach_mixing)
         return F.cross_entropy(logits, y), logits
-    decoder, mim_weight, ratio, patch = mim
-    masked, mask = mask_patches(x, ratio, patch) if masking is None else masking
+    decoder, mim_weight, ratio, patch, generator = mim
+    masked, mask = mask_patches(x, ratio, patch, generator) if masking is None else masking
     logits, fmap = model(masked, features=True, detach_mixing=detach_mixing)
     return F.cross_entropy(logits, y) + mim_weight * mim_loss(decoder(fmap).float(), x, mask), logits
 
 
 def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=None, arch_params=(),
                 detach_mixing=False):
-    """mim: (decoder, loss weight, mask ratio, mask patch) adds masked image modelling (alpha-DARTS):
-    the supernet sees the masked images and the decoder recovers the masked pixels from its features.
+    """mim: (decoder, loss weight, mask ratio, mask patch, mask generator or None) adds masked image modelling
+    (alpha-DARTS): the supernet sees the masked images and the decoder recovers the masked pixels from its features.
     arch_params: held constant (frozen) for this step. MIDAS's weights still get the gradient through the
     attention (the mixing weights are functions of the candidate maps) unless detach_mixing; only W_q, W_k's
     own is skipped."""
@@ -505,7 +505,11 @@ def main(argv=None):
 
     model, mim_decoder, arch_params, weights, w_opt, arch_opt, forward, autocast = build_search(
         args, cfg, meta['num_classes'], device)
-    mim = (mim_decoder, args.mim, args.mim_ratio, args.mim_patch) if args.mim else None
+    # MIM masks come from a generator of their own, seeded per rank and epoch: under torchrun each rank masks its
+    # images differently (the global generator is the same on every rank, as mean-shift needs), and a resumed
+    # run draws the masks an uninterrupted one drew
+    mask_gen = torch.Generator() if args.mim else None
+    mim = (mim_decoder, args.mim, args.mim_ratio, args.mim_patch, mask_gen) if args.mim else None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=args.lr_min)
 
     start_epoch, history = 0, []
@@ -537,6 +541,8 @@ def main(argv=None):
     meter = Throughput((args.epochs - start_epoch) * steps)
     for epoch in range(start_epoch, args.epochs):
         model.train()
+        if mask_gen is not None:
+            mask_gen.manual_seed((args.seed * 1000 + epoch) * 1000 + rank)
         lr = scheduler.get_last_lr()[0]
         totals = torch.zeros(4, device=device)  # train loss, train correct, val loss, val correct
         seen = 0

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -566,10 +567,11 @@ def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path):
         assert len(G.nb201_parse(json.load(f)["arch"])) == 6
     assert 'world 2' in open(os.path.join(save, 'log.txt')).read()
 
-def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path):
+@pytest.mark.parametrize('flags', [[], ['--mim', '0.5']])   # MIM's masks: a generator seeded per epoch
+def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
     args = ['search.py', '--data', cifar, '--space', 'nb201', '--epochs', '3', '--batch-size', '8',
             '--init-channels', '4', '--cells', '1', '--subset', '160', '--epoch-decode-samples', '16',
-            '--decode-samples', '16', '--device', 'cpu', '--no-download']
+            '--decode-samples', '16', '--device', 'cpu', '--no-download', *flags]
     full = str(tmp_path / 'full')
     r = run_script(*args, '--save', full)
     assert r.returncode == 0, r.stderr
@@ -1260,7 +1262,7 @@ def test_unrolled_step_at_zero_lr_is_the_first_order_step(method, mim):
             decoder = MIMDecoder(model.feature_channels, model.feature_stride)
             weights = weights + list(decoder.parameters())
             opt = torch.optim.SGD(weights, 0.1, momentum=0.9)
-            masking = (decoder, 1.0, 0.5, 4)
+            masking = (decoder, 1.0, 0.5, 4, None)
         arch = model.arch_parameters()
         arch_opt = torch.optim.SGD(arch, 0.0)
         before = [p.detach().clone() for p in weights]
@@ -1294,7 +1296,7 @@ def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
         decoder = MIMDecoder(model.feature_channels, model.feature_stride)
         params = list(decoder.parameters())
         weight_step(model, weights + params, opt.__class__(weights + params, 0.1), x, y, 5.0, 1, _no_autocast,
-                    (decoder, 1.0, ratio, 4))
+                    (decoder, 1.0, ratio, 4, None))
         grads = torch.cat([p.grad.flatten() for p in params])
         assert (grads.abs().sum() > 0) == (ratio > 0)
         assert decoder(torch.randn(1, model.feature_channels, 8, 8)).shape == (1, 3, 32, 32)
@@ -1403,3 +1405,31 @@ def test_help_of_every_script_states_the_defaults(capsys):
                            'Adam lr of the architecture step (default 0.0003)', '--epochs EPOCHS (default 50)',
                            '--no-token-norm LayerNorm on query/key tokens (default True)'):
                 assert phrase in text, phrase
+
+
+def _documented_commands(markdown):
+    """The argument lists of every `python` and `torchrun` call in a Markdown file's bash blocks, as bash expands
+    them: the blocks run in order (variables and loops included) with python and torchrun only recording."""
+    with open(os.path.join(HERE, markdown)) as f:
+        blocks = re.findall(r'```bash\n(.*?)```', f.read(), re.S)
+    with tempfile.TemporaryDirectory() as d:
+        calls = os.path.join(d, 'calls')
+        harness = (f'record() {{ printf "%s\\x1f" "$@" >> {calls}; echo >> {calls}; }}\n'
+                   'python() { record "$@"; }\ntorchrun() { record "$@"; }\npip() { :; }\n')
+        subprocess.run(['bash', '-c', harness + '\n'.join(blocks)], cwd=d, capture_output=True, timeout=60)
+        with open(calls) as f:
+            return [line.split('\x1f')[:-1] for line in f.read().splitlines()]
+
+
+@pytest.mark.parametrize('markdown', ['README.md', 'BENCHMARKS.md'])
+def test_the_documented_commands_use_flags_that_exist(markdown):
+    """A renamed or dropped flag breaks the docs silently: every documented call of a project script parses."""
+    import bench
+    scripts = {'search.py': search, 'train.py': train, 'bench.py': bench, 'analyze.py': analyze}
+    parsed = 0
+    for argv in _documented_commands(markdown):
+        at = [k for k, a in enumerate(argv) if a in scripts]
+        if at:
+            scripts[argv[at[0]]].get_args(argv[at[0] + 1:])   # argparse exits on an unknown flag or a bad value
+            parsed += 1
+    assert parsed >= {'README.md': 20, 'BENCHMARKS.md': 5}[markdown]
