@@ -482,6 +482,8 @@ def main(argv=None):
     # Data: the training set split in two halves, search-train (weights) and search-val (architecture).
     meta = DATASETS[args.dataset]
     x, y = load_dataset(args.dataset, args.data, train=True, download=args.download)
+    if args.subset > len(y):   # the run would be recorded, and tabled, under a size it never had
+        raise RunError(f'--subset {args.subset}: {args.dataset} has {len(y)} training images')
     if args.subset:
         x, y = x[:args.subset], y[:args.subset]
     train_idx, val_idx = split_indices(len(y), args.train_portion)
@@ -536,6 +538,9 @@ def main(argv=None):
         log(f'search {args.space} {args.method} patch={args.patch} topology={args.topology} on {args.dataset}: '
             f'{len(train_idx)}+{len(val_idx)} images, {n_w / 1e6:.3f}M weights, {n_arch} architecture '
             f'parameters, device {device}, world {world}')
+        if args.arch_warmup >= args.epochs:
+            log(f'warning: --arch-warmup {args.arch_warmup} >= --epochs {args.epochs}: no architecture step is taken, '
+                'and the decode reads the initial architecture')
 
     steps = len(train_q)
     meter = Throughput((args.epochs - start_epoch) * steps)

@@ -629,6 +629,7 @@ def _one_line_error(r, *words):
     (['--mim', 'nan'], ['--mim needs']),
     (['--decode-samples', '-5'], ['--decode-samples']),
     (['--subset', '-100'], ['--subset must be']),
+    (['--subset', '100000'], ['--subset 100000:', 'training images']),
     (['--device', 'meta'], ["device 'meta' is not supported"]),
 ])
 def test_bad_flags(cifar, tmp_path, flags, words):
@@ -1325,6 +1326,8 @@ def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path):
     arch = _arch_state(save)
     fresh_arch = {k: v for k, v in fresh.state_dict().items() if k in arch}
     assert arch.keys() == fresh_arch.keys() and all(torch.equal(arch[k], fresh_arch[k]) for k in arch)
+    with open(os.path.join(save, 'log.txt')) as f:
+        assert 'no architecture step is taken' in f.read()   # a warm-up as long as the run: said, not silent
 
 
 def test_nb201_results_table(tmp_path):
