@@ -3,7 +3,8 @@
     python analyze.py diagram --genotype RUN/genotype.json --out DIR   # DOT, + SVG/PNG when `dot` is installed
     python analyze.py mosaic --run RUN [--images 4] [--cells 0,1]     # per-patch winning op, PNG per cell
     python analyze.py report --run RUN [--samples 512]                 # RUN/analysis/{analysis.json, report.md}
-    python analyze.py compare RUN1 RUN2 ... [--out FILE]               # discrimination per cell, Markdown
+    python analyze.py compare RUN1 RUN2 ... [--out FILE]               # discrimination per cell of reported runs
+    python analyze.py nb201 RUN1 RUN2 ... [--out FILE]                 # NB201 accuracy by setting, mean +- std
 
 A report runs the search's supernet over --samples test images and, per search cell, edge and candidate op,
 looks at the per-image weight w_i (the op's mixing weight averaged over the patches of image i):

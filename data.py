@@ -121,8 +121,14 @@ def _download_cifar(name, root):
                     raise DataError(f"{url} holds an unexpected entry {m.name!r}; refusing to unpack it")
             kw = {'filter': 'data'} if hasattr(tarfile, 'data_filter') else {}
             tar.extractall(unpack, members=members, **kw)
-        # Move into place only once complete, so an interrupted run never leaves a half folder behind.
-        os.replace(os.path.join(unpack, folder), os.path.join(root, folder))
+        # Move into place only once complete, so an interrupted run never leaves a half folder behind. The
+        # processes of a torchrun all download when the folder is absent: the first to finish puts its copy in
+        # place, and the others, finding it there, keep it.
+        try:
+            os.replace(os.path.join(unpack, folder), os.path.join(root, folder))
+        except OSError:
+            if not os.path.isdir(os.path.join(root, folder)):
+                raise
     finally:
         shutil.rmtree(unpack, ignore_errors=True)
         if os.path.exists(archive):

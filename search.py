@@ -3,10 +3,11 @@
     python search.py --space darts --patch 4                 # MIDAS, DARTS space, CIFAR-10
     python search.py --space nb201 --nb201-table nb201_accuracies.csv
     python search.py --space darts --method darts            # the static-alpha baseline
-    python search.py ... --resume RUN                        # continue a killed run
+    python search.py --resume RUN                            # continue a killed run, with its own flags
 
 Writes into the run folder: log.txt, args.json, history.json (the genotype decoded at every epoch),
-genotype.json, weights.json (the averaged weights it was decoded from, with margins), checkpoint.pt.
+genotype.json, weights.json (the averaged weights it was decoded from, with margins), the cell diagrams
+(.dot; .svg and .png with Graphviz), checkpoint.pt.
 """
 import argparse
 import contextlib
@@ -46,7 +47,7 @@ def get_args(argv=None):
                    help='dataset root (CIFAR is downloaded here when absent; default %(default)s)')
     p.add_argument('--save', default=None, help='run folder (default runs/search-SPACE-METHOD-TIME)')
     p.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
-                   help='fetch CIFAR from its official URL when absent from --data')
+                   help='fetch CIFAR from its official URL when absent from --data (default %(default)s)')
     p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120'],
                    help='(default %(default)s)')
     p.add_argument('--space', default='darts', help='darts, s1, s2, s3, s4 or nb201 (default %(default)s)')
@@ -87,7 +88,7 @@ def get_args(argv=None):
                         '--mean-shift, else 0)')
     # The sources' other methods (METHOD.md §11), for midas and darts alike
     p.add_argument('--mim', type=float, default=0.0, metavar='WEIGHT',
-                   help='masked image modelling (alpha-DARTS): weight of the reconstruction loss (0 = off)')
+                   help='masked image modelling (alpha-DARTS): weight of the reconstruction loss (0 = off, the default)')
     p.add_argument('--mim-ratio', type=float, default=0.5, help='share of patches masked (default %(default)s)')
     p.add_argument('--mim-patch', type=int, default=4, help='side of a masked patch in pixels (default %(default)s)')
     p.add_argument('--mean-shift', action='store_true', help='mean-shift sampling of the mixing weights (MS-DARTS)')
@@ -101,7 +102,7 @@ def get_args(argv=None):
                    help='channels of the first stage (default %(default)s)')
     p.add_argument('--layers', type=int, default=8, help='cells of a DARTS-style supernet (default %(default)s)')
     p.add_argument('--cells', type=int, default=5, help='cells per stage of the NB201 supernet (default %(default)s)')
-    p.add_argument('--subset', type=int, default=0, help='use only the first N training images (0 = all)')
+    p.add_argument('--subset', type=int, default=0, help='use only the first N training images (0 = all, the default)')
     p.add_argument('--train-portion', type=float, default=0.5,
                    help='share of the training images that train the weights; the rest train the architecture '
                         '(default %(default)s)')
@@ -128,14 +129,31 @@ def get_args(argv=None):
     p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
     p.add_argument('--seed', type=int, default=0, help='(default %(default)s)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N (default %(default)s)')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA)')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA; default %(default)s)')
     p.add_argument('--compile', action='store_true', help='torch.compile the supernet')
     p.add_argument('--report-freq', type=int, default=50, help='log every N iterations (default %(default)s)')
     p.add_argument('--resume', default=None, metavar='RUN',
-                   help="continue the run in folder RUN (with the flags it was started with; its --nb201-table "
-                        "unless another is given)")
+                   help="continue the run in folder RUN with the flags it was started with (from RUN/args.json); "
+                        "a flag given now must agree with them, except --data, --download, --device, --amp, "
+                        "--compile, --report-freq and --nb201-table (another machine, another path)")
     args = p.parse_args(argv)
+    if args.resume:
+        resumed_flags(args, p, argv)
     return args
+
+
+def resumed_flags(args, parser, argv):
+    """--resume RUN: every flag not on the command line takes the value RUN was started with (its args.json;
+    a flag newer than the run, the value it ran with: ADDED_KEYS). Given flags stay, for main to check against
+    the checkpoint."""
+    started = started_with(args.resume)
+    if not started:
+        return   # no args.json: the defaults, checked against the checkpoint's configuration
+    unset = object()   # a namespace pre-filled with it keeps argparse's defaults out: what remains was given
+    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
+    for k, v in {**ADDED_KEYS, **started}.items():
+        if given.get(k, None) is unset and k not in ('save', 'resume', 'redecode'):
+            setattr(args, k, v)
 
 
 def check_args(args):
@@ -468,8 +486,6 @@ def main(argv=None):
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
         older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}
         resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, keys, older)
-        if args.nb201_table is None:   # scoring changes nothing of the search: keep the run's table
-            args.nb201_table = started.get('nb201_table')
     elif args.save is None:
         args.save = os.path.join('runs', f"search-{args.space}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):

@@ -581,7 +581,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
     assert torch.load(ckpt, weights_only=False)['epoch'] < 3
     assert not os.path.exists(os.path.join(killed, 'genotype.json'))
 
-    r = run_script(*args, '--save', killed, '--resume', killed)
+    r = run_script('search.py', '--resume', killed)   # the run's own flags, data and device, from its args.json
     assert r.returncode == 0, r.stderr
     for name in ('genotype.json', 'weights.json', 'history.json'):   # what it decoded from, too
         with open(os.path.join(full, name)) as f1, open(os.path.join(killed, name)) as f2:
@@ -649,6 +649,37 @@ def test_missing_and_corrupt_data(cifar, tmp_path):
     _one_line_error(r, 'data_batch_1')
 
 
+def test_cifar_download_checks_the_archive_and_survives_a_second_downloader(cifar, tmp_path, monkeypatch):
+    """The download path, from a file:// URL: md5 checked, the archive unpacked into place; a second process that
+    downloads at the same time (torchrun ranks on a fresh machine) keeps the copy the first put there; an archive
+    with an entry outside its folder is refused."""
+    import hashlib
+    import tarfile
+    archive = tmp_path / 'cifar.tar.gz'
+    with tarfile.open(archive, 'w:gz') as tar:
+        tar.add(os.path.join(cifar, 'cifar-10-batches-py'), arcname='cifar-10-batches-py')
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    entry = data._CIFAR['cifar10']
+    monkeypatch.setitem(data._CIFAR, 'cifar10', (entry[0], archive.as_uri(), md5, *entry[3:]))
+    root = str(tmp_path / 'root')
+    x, y = data.load_dataset('cifar10', root, train=True, download=True)
+    assert x.shape == (200, 3, 32, 32) and len(y) == 200
+    data._download_cifar('cifar10', root)   # the later of two downloaders: the folder is there already
+    assert sorted(os.listdir(root)) == ['cifar-10-batches-py']   # no temporary left behind
+    assert torch.equal(data.load_dataset('cifar10', root, train=True, download=False)[0], x)
+    monkeypatch.setitem(data._CIFAR, 'cifar10', (entry[0], archive.as_uri(), '0' * 32, *entry[3:]))
+    with pytest.raises(data.DataError, match='md5'):
+        data.load_dataset('cifar10', str(tmp_path / 'other'), train=True, download=True)
+    evil = tmp_path / 'evil.tar.gz'
+    with tarfile.open(evil, 'w:gz') as tar:
+        tar.add(os.path.join(cifar, 'cifar-10-batches-py', 'test_batch'), arcname='../test_batch')
+    monkeypatch.setitem(data._CIFAR, 'cifar10',
+                        (entry[0], evil.as_uri(), hashlib.md5(evil.read_bytes()).hexdigest(), *entry[3:]))
+    with pytest.raises(data.DataError, match='unexpected entry'):
+        data.load_dataset('cifar10', str(tmp_path / 'third'), train=True, download=True)
+    assert not os.path.exists(tmp_path / 'test_batch')
+
+
 def test_labels_out_of_range_and_tables_without_the_columns_are_refused_up_front(cifar, tmp_path):
     bad = tmp_path / 'labels'
     data.write_cifar_like(str(bad), 'cifar10', 100, 20)
@@ -700,7 +731,8 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     started['grad_clip'] = 2.0   # what the run was started with, as its args.json says
     with open(flags_file, 'w') as f:
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
-    r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', '--no-edge-norm', *TINY)
+    r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', '--no-edge-norm', *TINY,
+                   '--grad-clip', '5')
     _one_line_error(r, 'another configuration', 'grad_clip=2.0')
     started['grad_clip'] = 5.0
     with open(flags_file, 'w') as f:
@@ -710,6 +742,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
+    search.main(['--resume', save])   # unsaid, the flags are the run's own, and those newer than it are off
     # MIDAS's flags change nothing for darts: a darts run resumes whatever values of them it was started with
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
