@@ -342,7 +342,7 @@ class GPULoader:
         self.epoch, self.pos = 0, 0   # epoch in progress, batches of it already handed out
         self._perm = None             # this epoch's order (on device), redrawn from _epoch_rng on resume
         self._epoch_rng = None        # generator state just before this epoch's permutation was drawn
-        if len(self) == 0:
+        if len(self) == 0 and drop_last:   # an empty test part (a rank of a torchrun on a tiny set) is allowed
             raise DataError(f"{self.n} images make no batch of {batch_size} with drop_last=True")
 
     def __len__(self):

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import math
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,8 @@ from analyze import MIDAS_ONLY, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
-from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, load_checkpoint, restoring, run_cli,
-                   save_checkpoint, seed_everything, setup_distributed, started_with, write_json)
+from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, default_run_folder, load_checkpoint,
+                   restoring, run_cli, save_checkpoint, seed_everything, setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
@@ -45,7 +44,7 @@ def get_args(argv=None):
     p = Parser(description='MIDAS / DARTS architecture search')
     p.add_argument('--data', default='./data',
                    help='dataset root (CIFAR is downloaded here when absent; default %(default)s)')
-    p.add_argument('--save', default=None, help='run folder (default runs/search-SPACE-METHOD-TIME)')
+    p.add_argument('--save', default=None, help='run folder (default runs/search-SPACE-METHOD-TIME-PID)')
     p.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
                    help='fetch CIFAR from its official URL when absent from --data (default %(default)s)')
     p.add_argument('--dataset', default='cifar10', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120'],
@@ -487,7 +486,7 @@ def main(argv=None):
         older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}
         resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, keys, older)
     elif args.save is None:
-        args.save = os.path.join('runs', f"search-{args.space}-{args.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.save = default_run_folder(f'search-{args.space}-{args.method}', world)
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")

@@ -1098,6 +1098,25 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     assert result['test_top1'] == reports[1]['test_top1'] and result['test_images'] == 50
     r = _train_cli(capsys, '--resume', killed, '--lr', '0.1')
     _one_line_error(r, 'another configuration', 'lr')
+    _one_line_error(_train_cli(capsys, '--eval', killed, '--subset', '-5'), '--subset must be')
+
+
+def test_train_resume_keeps_the_runs_own_runtime_flags_and_cutout_scales_with_the_image(tmp_path):
+    """--resume: precision, test and log frequencies are the run's unless given again (they went back to the
+    defaults: a bf16 run went on in float32). Cutout's default is DARTS's 16 of 32 pixels, scaled to the images."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'amp': 'bf16', 'eval_freq': 3, 'report_freq': 7}))
+    (run / 'genotype.json').write_text(json.dumps(G.genotype_to_json(G.DARTS_V2, 'darts')))
+    args = train.get_args(['--resume', str(run)])
+    train.resolve_args(args)
+    assert (args.amp, args.eval_freq, args.report_freq, args.compile, args.cutout) == ('bf16', 3, 7, False, 16)
+    args = train.get_args(['--resume', str(run), '--amp', 'off'])
+    train.resolve_args(args)
+    assert args.amp == 'off'
+    args = train.get_args(['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120', '--auxiliary-weight', '0'])
+    train.resolve_args(args)
+    assert args.cutout == 8
 
 
 S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5],
@@ -1128,6 +1147,7 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'ARCH_123'], ['expected a string']),
     (['--genotype', 'DARTS_V2', '--momentum', 'nan'], ['--momentum must be in [0, 1)']),
     (['--genotype', 'DARTS_V2', '--lr', 'inf'], ['--lr must be positive and finite']),
+    (['--genotype', 'DARTS_V2', '--cutout', '40'], ['--cutout 40 is larger than the 32x32 images']),
 ])
 def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
     s2 = tmp_path / 'genotype.json'

@@ -108,6 +108,15 @@ def all_reduce_mean(tensors, world):
         offset += t.numel()
 
 
+def default_run_folder(name, world=1):
+    """runs/NAME-TIME-PID, as rank 0 names it: the process id keeps apart runs started in the same second (a
+    shell loop over seeds), which would otherwise share one folder."""
+    folder = [os.path.join('runs', f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")]
+    if world > 1:
+        dist.broadcast_object_list(folder)
+    return folder[0]
+
+
 class Logger:
     """Prints to stdout and appends to SAVE/log.txt; silent on ranks other than 0."""
 
@@ -240,7 +249,7 @@ class Parser(argparse.ArgumentParser):
 # 250 epochs, auxiliary head; the script's own defaults, 50 channels and 1000 epochs, are not what the
 # paper reports). 'nb201': NAS-Bench-201's training of its cells, so that accuracies compare with the
 # benchmark's table (Nesterov SGD, batch 256, 200 epochs, no clipping, no cutout).
-PROTOCOLS = {
+PROTOCOLS = {   # cutout in pixels of a 32x32 image, scaled to the dataset's
     'cifar': dict(epochs=600, batch_size=96, lr=0.025, schedule='cosine', momentum=0.9, nesterov=False,
                   weight_decay=3e-4, grad_clip=5.0, label_smoothing=0.0, cutout=16, drop_path=0.2,
                   auxiliary_weight=0.4, init_channels=36, layers=20),
@@ -252,6 +261,8 @@ PROTOCOLS = {
                   auxiliary_weight=0.0, init_channels=16, cells=5),
 }
 GENERAL = dict(data='./data', dataset='cifar10', lr_gamma=0.97, subset=0, seed=0)
+# Flags that change how a run executes, not what it trains: a resumed run keeps its own unless given again.
+RUNTIME = dict(device='auto', amp='auto', compile=False, workers=8, download=True, report_freq=50, eval_freq=1)
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['genotype', 'dataset', 'subset', 'init_channels', 'layers', 'cells', 'auxiliary_weight', 'cutout',
                'drop_path', 'epochs', 'batch_size', 'lr', 'schedule', 'lr_gamma', 'momentum', 'nesterov',
@@ -267,7 +278,7 @@ def get_args(argv=None):
     p.add_argument('--data', help='dataset root (default ./data; CIFAR is downloaded there when absent)')
     p.add_argument('--dataset', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120', 'imagenet'],
                    help='default cifar10')
-    p.add_argument('--save', help='run folder (default runs/train-DATASET-TIME)')
+    p.add_argument('--save', help='run folder (default runs/train-DATASET-TIME-PID)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--batch-size', type=int, help='the global batch, split over the torchrun processes')
     p.add_argument('--init-channels', type=int)
@@ -286,15 +297,16 @@ def get_args(argv=None):
     p.add_argument('--label-smoothing', type=float)
     p.add_argument('--subset', type=int, help='only the first N images of the training and of the test split')
     p.add_argument('--seed', type=int)
-    p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'off'],
-                   help='autocast (auto: bf16 on a CUDA GPU that has it, else off); fp16 adds a gradient scaler')
-    p.add_argument('--compile', action='store_true', help='torch.compile the network')
-    p.add_argument('--workers', type=int, default=8, help='ImageNet data-loading processes per GPU')
-    p.add_argument('--download', action=argparse.BooleanOptionalAction, default=True,
-                   help='fetch CIFAR (or SVHN) when absent from --data')
-    p.add_argument('--report-freq', type=int, default=50, help='log every N steps')
-    p.add_argument('--eval-freq', type=int, default=1, help='test every N epochs (and after the last)')
+    p.add_argument('--device', help='auto, cpu, cuda, cuda:N (default auto)')
+    p.add_argument('--amp', choices=['auto', 'bf16', 'fp16', 'off'],
+                   help='autocast (auto, the default: bf16 on a CUDA GPU that has it, else off); fp16 adds a '
+                        'gradient scaler')
+    p.add_argument('--compile', action='store_true', default=None, help='torch.compile the network')
+    p.add_argument('--workers', type=int, help='ImageNet data-loading processes per GPU (default 8)')
+    p.add_argument('--download', action=argparse.BooleanOptionalAction,
+                   help='fetch CIFAR (or SVHN) when absent from --data (default on)')
+    p.add_argument('--report-freq', type=int, help='log every N steps (default 50)')
+    p.add_argument('--eval-freq', type=int, help='test every N epochs, and after the last (default 1)')
     p.add_argument('--resume', metavar='RUN', help='continue the killed run in folder RUN (its flags are the defaults)')
     p.add_argument('--eval', metavar='CHECKPOINT',
                    help='print the test accuracy of a checkpoint (or of a run folder\'s) and exit')
@@ -316,7 +328,9 @@ def resolve_args(args):
                 saved = json.load(f)
         except (OSError, ValueError):
             raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)") from None
-        _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data'] if k != 'genotype'})
+        if not isinstance(saved, dict):
+            raise RunError(f"'{args.resume}' holds no train.py run to resume (its args.json is not one)")
+        _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
         args.genotype = args.genotype or os.path.join(args.resume, 'genotype.json')
         args.save = args.resume
     if not args.genotype:
@@ -335,8 +349,12 @@ def resolve_args(args):
                                'path; --cells sets its depth)')
     elif args.cells is not None:
         raise RunError('--cells sets the depth of a NAS-Bench-201 network; a DARTS-style one uses --layers')
-    _fill(args, PROTOCOLS['imagenet' if args.dataset == 'imagenet' else 'nb201' if nb201 else 'cifar'])
+    protocol = dict(PROTOCOLS['imagenet' if args.dataset == 'imagenet' else 'nb201' if nb201 else 'cifar'])
+    size = DATASETS[args.dataset]['size']
+    protocol['cutout'] = protocol['cutout'] * size // 32   # DARTS's 16 of 32 pixels; 8 on 16x16 ImageNet16-120
+    _fill(args, protocol)
     _fill(args, GENERAL)
+    _fill(args, RUNTIME)
 
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells', 'report_freq', 'eval_freq', 'workers'):
         value = getattr(args, name)
@@ -353,7 +371,8 @@ def resolve_args(args):
         raise RunError('--drop-path and --label-smoothing must be in [0, 1)')
     if not nb201 and args.layers < 3:
         raise RunError('--layers must be at least 3 (a DARTS network has two reduction cells)')
-    size = DATASETS[args.dataset]['size']
+    if args.cutout > size:
+        raise RunError(f'--cutout {args.cutout} is larger than the {size}x{size} images of {args.dataset}')
     if not nb201 and args.dataset != 'imagenet' and size != 32 and args.auxiliary_weight > 0:
         raise RunError(f'the auxiliary head needs 32x32 images, {args.dataset} has {size}x{size}: '
                        'add --auxiliary-weight 0')
@@ -506,8 +525,12 @@ def evaluate_checkpoint(args):
     # The run's network and dataset (and data folder, from its args.json); the whole test set unless --subset
     # says otherwise.
     _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})
-    _fill(args, {'data': started_with(os.path.dirname(os.path.abspath(path))).get('data')})
+    started = started_with(os.path.dirname(os.path.abspath(path)))
+    _fill(args, {'data': started.get('data'), 'amp': started.get('amp')})   # its precision: the same figure
     _fill(args, GENERAL)
+    _fill(args, RUNTIME)
+    if args.subset < 0:
+        raise RunError('--subset must be a finite number, not negative')
     genotype = genotype_from_json(config['genotype'])[0]
     rank, world, device = setup_distributed(args.device)
     _, test_q, limit = make_queues(args, device, rank, world, train=False)
@@ -542,10 +565,7 @@ def main(argv=None):
         state = load_checkpoint(os.path.join(args.save, 'checkpoint.pt'), config, CONFIG_KEYS)
     else:
         if args.save is None:
-            save = [os.path.join('runs', f"train-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")]
-            if world > 1:  # rank 0's clock names the folder
-                dist.broadcast_object_list(save)
-            args.save = save[0]
+            args.save = default_run_folder(f'train-{args.dataset}', world)
         elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
             raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                            "or choose another --save")
