@@ -658,7 +658,7 @@ def get_args(argv=None):
         s.add_argument('--batch-size', type=int, default=64)
         s.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
         if name == 'report':
-            s.add_argument('--samples', type=int, default=512, help='images the statistics are taken over')
+            s.add_argument('--samples', type=int, default=512, help='images the statistics are taken over (at least 4)')
             s.add_argument('--bins', type=int, default=10, help='histogram bins')
     c = sub.add_parser('compare', help='Markdown table of the discrimination per cell of several reported runs')
     c.add_argument('runs', nargs='+', help='run folders (with analysis/analysis.json) or analysis.json files')
@@ -670,6 +670,8 @@ def get_args(argv=None):
     for k in ('images', 'batch_size', 'samples', 'bins'):
         if getattr(args, k, 1) < 1:
             raise RunError(f"--{k.replace('_', '-')} must be at least 1")
+    if getattr(args, 'samples', 4) < 4:   # Sarle's b needs four: with fewer every op would count as unimodal
+        raise RunError('--samples must be at least 4 (the bimodality coefficient needs four images)')
     if getattr(args, 'images', 1) > MAX_MOSAIC_IMAGES:   # one panel row per image: a huge PNG past this
         raise RunError(f'--images: a mosaic holds at most {MAX_MOSAIC_IMAGES} images')
     return args

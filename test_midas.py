@@ -962,6 +962,8 @@ def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
         analyze.main(['diagram', '--genotype', 'nonsense'])
     with pytest.raises(analyze.RunError, match='at most 64'):
         analyze.main(['mosaic', '--run', save, '--images', '100000'])
+    with pytest.raises(analyze.RunError, match='at least 4'):
+        analyze.main(['report', '--run', save, '--samples', '3'])
     broken = tmp_path / 'broken.json'
     broken.write_text(json.dumps({'cells': [{'grid': [1, 1]}], 'settings': {}}))
     with pytest.raises(analyze.RunError, match='not analysis.json files'):
