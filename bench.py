@@ -63,7 +63,8 @@ def get_args(argv=None):
     p.add_argument('--warmup', type=int, default=3, help='untimed iterations per method first')
     p.add_argument('--mem-iters', type=int, default=2, help='iterations of each memory child after its warm-up')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA)')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'],
+                   help='autocast (auto: bf16 on a CUDA GPU that has it, else off)')
     p.add_argument('--compile', action='store_true', help='torch.compile the networks')
     p.add_argument('--contiguous', action='store_true', help='NCHW maps instead of channels-last (to measure it)')
     p.add_argument('--train-channels', type=int, help='retraining network channels (default --init-channels)')
@@ -264,14 +265,15 @@ def bench_train(args, device):
     params = list(net.parameters())
     opt = torch.optim.SGD(params, 0.025, momentum=0.9, weight_decay=3e-4)
     forward = torch.compile(net) if args.compile else net
-    amp = args.amp == 'bf16' or (args.amp == 'auto' and cuda)
+    from train import amp_setup
+    _, autocast, _ = amp_setup(args.amp, device)
     g = torch.Generator().manual_seed(args.seed)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     x = torch.randn(args.train_batch_size, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.train_batch_size,), generator=g).to(device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast():
             logits, logits_aux = forward(x)
             loss = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(logits_aux, y)
         opt.zero_grad(set_to_none=True)

@@ -24,8 +24,9 @@ from analyze import MIDAS_ONLY, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
-from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, default_run_folder, load_checkpoint,
-                   restoring, run_cli, save_checkpoint, seed_everything, setup_distributed, started_with, write_json)
+from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
+                   load_checkpoint, restoring, run_cli, save_checkpoint, seed_everything, setup_distributed,
+                   started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
@@ -87,7 +88,8 @@ def get_args(argv=None):
                         '--mean-shift, else 0)')
     # The sources' other methods (METHOD.md §11), for midas and darts alike
     p.add_argument('--mim', type=float, default=0.0, metavar='WEIGHT',
-                   help='masked image modelling (alpha-DARTS): weight of the reconstruction loss (0 = off, the default)')
+                   help='masked image modelling (alpha-DARTS): weight of the reconstruction loss '
+                        '(0 = off, the default)')
     p.add_argument('--mim-ratio', type=float, default=0.5, help='share of patches masked (default %(default)s)')
     p.add_argument('--mim-patch', type=int, default=4, help='side of a masked patch in pixels (default %(default)s)')
     p.add_argument('--mean-shift', action='store_true', help='mean-shift sampling of the mixing weights (MS-DARTS)')
@@ -128,7 +130,8 @@ def get_args(argv=None):
     p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
     p.add_argument('--seed', type=int, default=0, help='(default %(default)s)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N (default %(default)s)')
-    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'], help='autocast (auto: bf16 on CUDA; default %(default)s)')
+    p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'],
+                   help='autocast (auto: bf16 on a CUDA GPU that has it, else off; default %(default)s)')
     p.add_argument('--compile', action='store_true', help='torch.compile the supernet')
     p.add_argument('--report-freq', type=int, default=50, help='log every N iterations (default %(default)s)')
     p.add_argument('--resume', default=None, metavar='RUN',
@@ -247,8 +250,7 @@ def build_search(args, cfg, num_classes, device, channels_last=None):
     w_opt = torch.optim.SGD(weights, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     arch_opt = torch.optim.Adam(arch_params, args.arch_lr, betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
     forward = torch.compile(model) if args.compile else model
-    amp = args.amp == 'bf16' or (args.amp == 'auto' and device.type == 'cuda')
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    _, autocast, _ = amp_setup(args.amp, device)   # auto: bf16 on a CUDA GPU that has it (not a V100), else off
     return model, mim_decoder, arch_params, weights, w_opt, arch_opt, forward, autocast
 
 
