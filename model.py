@@ -33,6 +33,7 @@ class ArchConfig:
     key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation, off by default)
     token_before_bn: bool = False  # tokens from the input of a candidate's final BN, not its output (§12)
     score_bias: bool = False   # a learned scalar on each live candidate's score: an alpha inside MIDAS (a deviation)
+    share_attention: bool = False  # the cells of a stage share one attention per node, as DARTS's alpha (a deviation)
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -610,6 +611,15 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(C_p, num_classes)
         self.feature_channels, self.feature_stride = C_p, 4  # the last map is 1/4 of the input: two reductions
         self.mix_offset = None  # {cell type: E x J}, set only while mean-shift sampling runs
+        if cfg.method == 'midas' and cfg.share_attention:
+            # One attention per node for all the cells of a stage and type (cells of equal width: their W_q, W_k
+            # have the same shapes), where §3 gives each cell its own. Each cell then still weighs its own inputs,
+            # but by one rule: §8 averages the cells' weights, and the cells of a deep supernet, each free to decide
+            # alone, disagree until their average is near uniform (RESULTS.md, third round).
+            first = {}
+            for cell in self.search_cells():
+                key = (self.cell_type(cell), tuple(p.shape for p in cell.attention.parameters()))
+                cell.attention = first.setdefault(key, cell.attention)
         if cfg.method == 'darts':  # one table per cell type, shared by all cells of that type (§6)
             self.alphas = nn.ParameterDict({
                 t: nn.Parameter(1e-3 * torch.randn(len(self.space[t]), len(self.space[t][0])))
@@ -639,7 +649,7 @@ class SearchNetwork(nn.Module):
     def arch_parameters(self):
         if self.alphas is not None:
             return list(self.alphas.values())
-        return [p for cell in self.search_cells() for p in cell.attention.parameters()]
+        return list(dict.fromkeys(p for cell in self.search_cells() for p in cell.attention.parameters()))
 
     def weight_parameters(self):
         arch = {id(p) for p in self.arch_parameters()}

@@ -30,15 +30,15 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_se
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
-               'key_offset', 'token_before_bn', 'score_bias', 'dataset', 'init_channels', 'layers', 'cells', 'subset',
-               'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min', 'arch_lr', 'arch_warmup',
-               'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
-               'detach_mixing', 'momentum', 'weight_decay', 'grad_clip', 'arch_weight_decay', 'epoch_decode_samples',
-               'decode_samples', 'decode_none']
+               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'dataset', 'init_channels', 'layers',
+               'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min',
+               'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
+               'ms_eps', 'ms_bandwidth', 'detach_mixing', 'momentum', 'weight_decay', 'grad_clip', 'arch_weight_decay',
+               'epoch_decode_samples', 'decode_samples', 'decode_none']
 # flags newer than some runs, with the value those were run with (a checkpoint older than a key that its run's
 # args.json holds is checked against args.json)
-ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False, 'detach_mixing': False,
-              'edge_norm': False}
+ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False, 'share_attention': False,
+              'detach_mixing': False, 'edge_norm': False}
 
 
 def get_args(argv=None):
@@ -79,6 +79,9 @@ def get_args(argv=None):
     p.add_argument('--score-bias', action=argparse.BooleanOptionalAction, default=ArchConfig.score_bias,
                    help="a learned scalar on each candidate's score, per node: DARTS's alpha inside MIDAS "
                         "(a deviation; default %(default)s)")
+    p.add_argument('--share-attention', action=argparse.BooleanOptionalAction, default=ArchConfig.share_attention,
+                   help="one attention per node for all the cells of a stage, as DARTS's alpha is one per cell type "
+                        "(a deviation: §3 gives each cell its own; default %(default)s)")
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
                    help="weight step: the mixing weights are constants, as DARTS's alpha, and MIDAS's operations are "
                         "not trained to steer the attention on the weights' split (default: the whole gradient)")

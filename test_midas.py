@@ -316,6 +316,24 @@ def test_score_bias_starts_at_zero_and_shifts_scores_alike_for_every_input():
     assert torch.allclose(s[3] - s[1], torch.full_like(s[1], 0.7 / 0.5), atol=1e-5)
 
 
+@pytest.mark.parametrize('space, kw, groups', [('nb201', dict(cells=3), 3), ('darts', dict(layers=8), 5)])
+def test_shared_attention_is_one_per_stage_and_cell_type(space, kw, groups):
+    """--share-attention: the cells of a stage (and type) use one attention, whose gradient sums theirs; the
+    architecture parameters are each listed once (Adam refuses a parameter listed twice)."""
+    torch.manual_seed(0)
+    net = SearchNetwork(space, C=4, cfg=ArchConfig(share_attention=True, topology=space == 'darts'), **kw)
+    attentions = [cell.attention for cell in net.search_cells()]
+    assert len({id(a) for a in attentions}) == groups and len(attentions) > groups
+    arch = net.arch_parameters()
+    assert len(arch) == len({id(p) for p in arch}) == groups * len(list(attentions[0].parameters()))
+    assert {id(p) for p in arch}.isdisjoint(id(p) for p in net.weight_parameters())
+    net(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in arch)
+    torch.optim.Adam(arch, 3e-4).step()
+    own = SearchNetwork(space, C=4, cfg=ArchConfig(topology=space == 'darts'), **kw)
+    assert len(own.arch_parameters()) == len(attentions) * len(list(attentions[0].parameters()))
+
+
 def test_edge_norm_keeps_the_scale_that_tells_skip_from_avg_pool():
     torch.manual_seed(0)
     edge = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False)).search_cells()[0].attention[1]
@@ -738,7 +756,8 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     with open(flags_file, 'w') as f:
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
     old = ['--no-edge-norm']   # the one of them on by default today
-    for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--detach-mixing', '--edge-norm'):
+    for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--share-attention', '--detach-mixing',
+                 '--edge-norm'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
