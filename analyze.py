@@ -669,7 +669,7 @@ def get_args(argv=None):
     n.add_argument('runs', nargs='+', help='run folders of search.py --space nb201 --nb201-table ...')
     n.add_argument('--out', default=None, help='also write the table to this Markdown file')
     args = p.parse_args(argv)
-    for k in ('images', 'batch_size', 'samples', 'bins'):
+    for k in ('images', 'batch_size', 'bins'):
         if getattr(args, k, 1) < 1:
             raise RunError(f"--{k.replace('_', '-')} must be at least 1")
     if getattr(args, 'samples', 4) < 4:   # Sarle's b needs four: with fewer every op would count as unimodal

@@ -323,13 +323,9 @@ def resolve_args(args):
     """Fill the unset flags (from the run being resumed, then the protocol of this genotype and dataset)
     and check them. -> (genotype or NB201 arch string, space name or None)."""
     if args.resume:
-        try:
-            with open(os.path.join(args.resume, 'args.json')) as f:
-                saved = json.load(f)
-        except (OSError, ValueError):
-            raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)") from None
-        if not isinstance(saved, dict):
-            raise RunError(f"'{args.resume}' holds no train.py run to resume (its args.json is not one)")
+        saved = started_with(args.resume)
+        if not saved:
+            raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)")
         _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
         args.genotype = args.genotype or os.path.join(args.resume, 'genotype.json')
         args.save = args.resume
