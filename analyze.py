@@ -541,7 +541,8 @@ def run_genotype(run):
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm', 'tau', 'attn_dim', 'key_offset',
                 'token_before_bn', 'score_bias', 'share_attention', 'detach_mixing', 'mim', 'mean_shift', 'arch_warmup',
                 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
-# runs older than a flag group with 'off' (mean-shift and the warm-up came together: older runs had neither)
+# runs older than a flag ran without it, whatever today's default: they group with 'off' here, and search.py
+# --resume rebuilds them so (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
                'token_before_bn': False, 'score_bias': False, 'share_attention': False, 'detach_mixing': False,
                'edge_norm': False}

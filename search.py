@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from analyze import MIDAS_ONLY, write_diagrams
+from analyze import MIDAS_ONLY, SETTING_OFF, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
@@ -35,10 +35,9 @@ CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
                'ms_eps', 'ms_bandwidth', 'detach_mixing', 'momentum', 'weight_decay', 'grad_clip', 'arch_weight_decay',
                'epoch_decode_samples', 'decode_samples', 'decode_none']
-# flags newer than some runs, with the value those were run with (a checkpoint older than a key that its run's
-# args.json holds is checked against args.json)
-ADDED_KEYS = {'key_offset': False, 'token_before_bn': False, 'score_bias': False, 'share_attention': False,
-              'detach_mixing': False, 'edge_norm': False}
+# flags newer than some runs, with the value those were run with, as analyze.py groups them (a checkpoint older
+# than a key that its run's args.json holds is checked against args.json)
+ADDED_KEYS = SETTING_OFF
 
 
 def get_args(argv=None):
@@ -151,7 +150,7 @@ def resumed_flags(args, parser, argv):
     """--resume RUN: every flag not on the command line takes the value RUN was started with (its args.json;
     a flag newer than the run, the value it ran with: ADDED_KEYS). Given flags stay, for main to check against
     the checkpoint."""
-    started = started_with(args.resume)
+    started = started_with(args.resume, parser)
     if not started:
         return   # no args.json: the defaults, checked against the checkpoint's configuration
     unset = object()   # a namespace pre-filled with it keeps argparse's defaults out: what remains was given

@@ -1140,6 +1140,29 @@ def test_train_resume_keeps_the_runs_own_runtime_flags_and_cutout_scales_with_th
     assert args.cutout == 8
 
 
+
+@pytest.mark.parametrize('script', ['search', 'train'])
+def test_resume_refuses_a_hand_edited_args_json_in_one_line(tmp_path, script):
+    """A value its flag cannot take (a string for an int, a float for an int, a bool for a float, an unknown
+    choice) is named with its file, not met later as a TypeError in the middle of the run."""
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'genotype.json').write_text(json.dumps(G.genotype_to_json(G.DARTS_V2, 'darts')))
+    resume = lambda: (train.resolve_args(train.get_args(['--resume', str(run)])) if script == 'train'
+                      else search.get_args(['--resume', str(run)]))
+    for flags in ({'epochs': 'ten'}, {'epochs': 2.5}, {'lr': True}, {'amp': 'fp8'},
+                  *([{'seed': None}] if script == 'search' else []),   # train's unset flags are None
+                  {'nesterov' if script == 'train' else 'unrolled': 'yes'}):
+        (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', **flags}))
+        with pytest.raises(train.RunError, match=f"args.json: {next(iter(flags))} = "):
+            resume()
+    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'epochs': 3, 'lr': 1, 'amp': 'off'}))
+    args = resume() if script == 'search' else train.get_args(['--resume', str(run)])
+    if script == 'train':
+        train.resolve_args(args)
+    assert (args.epochs, args.lr, args.amp) == (3, 1, 'off')
+
+
 S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5],
                                             [('sep_conv_3x3', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5]), 's2')
 

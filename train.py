@@ -183,14 +183,38 @@ def load_checkpoint(path, config, keys, older=None):
     return state
 
 
-def started_with(run):
-    """The flags of run's args.json ({} when it has none that can be read)."""
+def started_with(run, parser=None):
+    """The flags of run's args.json ({} when it has none that can be read). With parser, every flag the file holds
+    must be a value that flag can take: a hand-edited or foreign args.json gives one clear error here, not a
+    TypeError deep inside the run."""
     try:
         with open(os.path.join(run, 'args.json')) as f:
             flags = json.load(f)
     except (OSError, ValueError):
         return {}
-    return flags if isinstance(flags, dict) else {}
+    if not isinstance(flags, dict):
+        return {}
+    for action in parser._actions if parser else ():
+        if action.dest in flags and not _fits(action, flags[action.dest]):
+            raise RunError(f"{os.path.join(run, 'args.json')}: {action.dest} = {flags[action.dest]!r} is not a value "
+                           f"of {action.option_strings[0]}; correct it or start a new run")
+    return flags
+
+
+def _fits(action, value):
+    """Whether value (from JSON) is one that argparse could have stored for action."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is None:
+        return action.default is None
+    if action.choices is not None:
+        return value in action.choices
+    if action.nargs == 0:   # store_true, --flag / --no-flag
+        return isinstance(value, bool)
+    if action.type is int:
+        return number and isinstance(value, int)
+    if action.type is float:
+        return number
+    return isinstance(value, str)
 
 
 @contextlib.contextmanager
@@ -271,6 +295,10 @@ EVAL_BATCH = 256  # test batches of the in-memory datasets (eval mode: the size 
 
 
 def get_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
     p = Parser(description='Retrain a genotype (DARTS protocol) on CIFAR-10/100, SVHN, ImageNet16-120 or ImageNet. '
                            'Unset flags take the protocol defaults (see PROTOCOLS), or the run\'s own with --resume.')
     p.add_argument('--genotype', help="search.py's genotype.json, a published name (DARTS_V2, ...), a "
@@ -310,7 +338,7 @@ def get_args(argv=None):
     p.add_argument('--resume', metavar='RUN', help='continue the killed run in folder RUN (its flags are the defaults)')
     p.add_argument('--eval', metavar='CHECKPOINT',
                    help='print the test accuracy of a checkpoint (or of a run folder\'s) and exit')
-    return p.parse_args(argv)
+    return p
 
 
 def _fill(args, defaults):
@@ -323,7 +351,7 @@ def resolve_args(args):
     """Fill the unset flags (from the run being resumed, then the protocol of this genotype and dataset)
     and check them. -> (genotype or NB201 arch string, space name or None)."""
     if args.resume:
-        saved = started_with(args.resume)
+        saved = started_with(args.resume, build_parser())
         if not saved:
             raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)")
         _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
@@ -521,7 +549,7 @@ def evaluate_checkpoint(args):
     # The run's network and dataset (and data folder, from its args.json); the whole test set unless --subset
     # says otherwise.
     _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})
-    started = started_with(os.path.dirname(os.path.abspath(path)))
+    started = started_with(os.path.dirname(os.path.abspath(path)), build_parser())
     _fill(args, {'data': started.get('data'), 'amp': started.get('amp')})   # its precision: the same figure
     _fill(args, GENERAL)
     _fill(args, RUNTIME)
