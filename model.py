@@ -49,6 +49,11 @@ class ArchConfig:
 # ---------------------------------------------------------------------------------------------
 # Grid helpers: a g_h x g_w grid of patches over an H x W map
 
+# torch.compile traces the plain-op paths below, which its code generator fuses; the autograd Functions are
+# hand-fused kernels for eager mode (torch < 2.3 has no is_compiling: there the Functions are traced too)
+compiling = getattr(torch.compiler, 'is_compiling', lambda: False)
+
+
 def grid_size(h, w, patch):
     if patch == 0:
         return 1, 1
@@ -174,8 +179,10 @@ class _PatchTokens(torch.autograd.Function):
 def patch_tokens(maps, gh, gw, token):
     """Tokens of K candidate maps (B x C x H x W each) -> K x B x gh x gw x C' (C' = 2C for 'meanstd')."""
     h, w = maps[0].shape[-2:]
-    if token == 'meanstd' and h % gh == 0 and w % gw == 0:
+    if token == 'meanstd' and h % gh == 0 and w % gw == 0 and not compiling():
         return _PatchTokens.apply((gh, gw), *maps)
+    if token == 'meanstd':   # float32 moments under autocast too, as _PatchTokens: E[f^2] - E[f]^2 cancels
+        maps = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in maps]
     means = [pool_grid(f, gh, gw) for f in maps]
     if token == 'meanstd':
         means = [torch.cat([m, std_grid(f, m, gh, gw)], 1) for f, m in zip(maps, means)]
@@ -267,7 +274,8 @@ def mix_node(maps, weights):
     node (weights B' x K x gh x gw, B' = 1 for a static table) at once."""
     h, w = maps[0].shape[-2:]
     gh, gw = weights.shape[-2:]
-    if h % gh == 0 and w % gw == 0 and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps):
+    if (h % gh == 0 and w % gw == 0 and not compiling()
+            and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)):
         return _MixPatches.apply(weights, *maps)
     x = None   # any other layout: candidate by candidate
     for f, wk in zip(maps, weights.unbind(1)):

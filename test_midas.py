@@ -187,19 +187,45 @@ def test_channels_last_fast_paths_match_plain_autograd(channels, batch_weights):
     assert run('channels_last')[1].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize('space', ['nb201', 'darts'])
+def test_compiled_supernet_is_one_graph_and_matches_eager(space):
+    """search.py --compile: torch.compile must see the whole supernet as one graph (fullgraph: a graph break would
+    split it into pieces the compiler cannot fuse, recompiled node by node), and the plain-op paths it traces in place
+    of the eager autograd Functions must give the eager values and gradients."""
+    if not hasattr(torch.compiler, 'is_compiling'):
+        pytest.skip('torch < 2.3 traces the eager Functions')
+    torch.manual_seed(0)
+    net = SearchNetwork(space, 4, 10, 3, 1, ArchConfig()).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+
+    def run(forward):
+        net.zero_grad(set_to_none=True)
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return out, [p.grad for p in net.parameters()]
+
+    eager = run(net)
+    compiled = run(torch.compile(net, backend='aot_eager', fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize('channels', [4, 32])
-def test_tokens_of_bfloat16_maps_are_float32(channels):
+@pytest.mark.parametrize('grid', [2, 3])   # 3 does not divide 8: the plain path (torch.compile traces it too)
+def test_tokens_of_bfloat16_maps_are_float32(channels, grid):
     """Under autocast the candidate maps are bf16; the token's std is E[f^2] - E[f]^2, which cancels, so the
     moments are taken in float32: the token equals that of the same maps upcast, and gradients stay bf16."""
     g = torch.Generator().manual_seed(0)
     maps = [(torch.randn(3, channels, 8, 8, generator=g) * 0.1 + 3.0).bfloat16()
             .contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(2)]
-    tokens = patch_tokens(maps, 2, 2, 'meanstd')
-    upcast = patch_tokens([f.detach().float() for f in maps], 2, 2, 'meanstd')
+    tokens = patch_tokens(maps, grid, grid, 'meanstd')
+    upcast = patch_tokens([f.detach().float() for f in maps], grid, grid, 'meanstd')
     assert tokens.dtype == torch.float32
     torch.testing.assert_close(tokens, upcast)
     f = maps[0].detach()   # the same std with bf16 moments: off by far more than the spread itself (~0.1)
-    std_bf16 = (pool_grid(f * f, 2, 2) - pool_grid(f, 2, 2) ** 2).clamp_min(1e-8).sqrt()
+    std_bf16 = (pool_grid(f * f, grid, grid) - pool_grid(f, grid, grid) ** 2).clamp_min(1e-8).sqrt()
     assert (std_bf16.float().permute(0, 2, 3, 1) - upcast[0, ..., channels:]).abs().max() > 0.03
     tokens.sum().backward()
     assert all(f.grad.dtype == torch.bfloat16 for f in maps)
