@@ -3,6 +3,8 @@
   * a search iteration (architecture step + weight step: search.arch_step and search.weight_step, or
     search.unrolled_arch_step with --unrolled) for --method midas and --method darts, interleaved in one
     process (midas, darts, darts, midas, ...) after warm-up iterations: median seconds, images/s, ratio;
+  * a search epoch and a whole search derived from them: an epoch is --epoch-images // batch iterations plus
+    the decode that ends it (measured: search.py's decode over its first 2,048 search-train images);
   * the peak memory of each method, each measured in its own child process (peak RSS is per process;
     on CUDA torch.cuda.max_memory_allocated);
   * a retraining step (NetworkCIFAR with DARTS_V2, auxiliary head, drop path: forward + backward + SGD);
@@ -62,6 +64,9 @@ def get_args(argv=None):
     p.add_argument('--iters', type=int, default=10, help='timed iterations per method')
     p.add_argument('--warmup', type=int, default=3, help='untimed iterations per method first')
     p.add_argument('--mem-iters', type=int, default=2, help='iterations of each memory child after its warm-up')
+    p.add_argument('--epoch-images', type=int, default=25000,
+                   help="images a search epoch trains on, for the derived epoch time (default %(default)s: "
+                        "CIFAR's search-train half)")
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'],
                    help='autocast (auto: bf16 on a CUDA GPU that has it, else off)')
@@ -89,7 +94,7 @@ def get_args(argv=None):
     if args.skip - {'search', 'memory', 'train', 'data'}:
         raise RunError(f"--skip takes search, memory, train, data; not {', '.join(sorted(args.skip))}")
     for name in ('iters', 'batch_size', 'init_channels', 'layers', 'cells', 'train_channels', 'train_layers',
-                 'train_batch_size', 'data_images', 'data_batch_size', 'data_epochs', 'mem_iters'):
+                 'train_batch_size', 'data_images', 'data_batch_size', 'data_epochs', 'mem_iters', 'epoch_images'):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1")
     # a DARTS network needs its two reduction cells, a search supernet normal cells besides
@@ -99,6 +104,8 @@ def get_args(argv=None):
         raise RunError('--warmup and --threads must not be negative')
     if args.data_images < args.data_batch_size:
         raise RunError('--data-images must be at least --data-batch-size')
+    if args.epoch_images < args.batch_size:
+        raise RunError('--epoch-images must be at least --batch-size')
     return args
 
 
@@ -183,7 +190,7 @@ class SearchBench:
         self.sargs = sargs
         torch.manual_seed(seed)
         meta = DATASETS[sargs.dataset]
-        fmt = torch.channels_last if channels_last(device, args) else torch.contiguous_format
+        self.fmt = fmt = torch.channels_last if channels_last(device, args) else torch.contiguous_format
         (self.model, _, self.arch_params, self.weights, self.w_opt, self.arch_opt, self.forward,
          self.autocast) = search.build_search(sargs, cfg, meta['num_classes'], device, fmt == torch.channels_last)
         self.model.train()
@@ -206,9 +213,17 @@ class SearchBench:
         s.weight_step(self.forward, self.weights, self.w_opt, x_tr, y_tr, a.grad_clip, 1, self.autocast,
                       arch_params=self.arch_params, detach_mixing=a.detach_mixing)
 
+    def decode(self, n_images):
+        """search.py's decode of n_images, in its batches of 256 (a static table reads one batch)."""
+        n = 256 if self.sargs.method == 'darts' else n_images
+        x = self.batches[0][0]
+        images = x.repeat(-(-n // len(x)), 1, 1, 1)[:n].contiguous(memory_format=self.fmt)
+        self.search.decode(self.model, [(images[i:i + 256], None) for i in range(0, n, 256)], self.sargs)
+
 
 def bench_search(args, device):
-    """Both methods in this process, interleaved: -> {method: [seconds per timed iteration]}."""
+    """Both methods in this process, interleaved: -> ({method: [seconds per timed iteration]},
+    {method: seconds of one epoch's decode})."""
     clock = Clock(device)
     benches = {m: SearchBench(args, m, device, args.seed) for m in METHODS}
     times = {m: [] for m in METHODS}
@@ -217,7 +232,12 @@ def bench_search(args, device):
             dt = clock(benches[m].step)
             if r >= args.warmup:
                 times[m].append(dt)
-    return times
+    decode = {}   # an epoch's decode: search.py's first --epoch-decode-samples images of the search-train half
+    for m, bench in benches.items():
+        n = bench.sargs.epoch_decode_samples or args.epoch_images
+        bench.decode(n)   # warm-up: eval mode, batches of another size
+        decode[m] = statistics.median(clock(lambda: bench.decode(n)) for _ in range(3))
+    return times, decode
 
 
 def child_memory(args, device):
@@ -342,7 +362,7 @@ def main(argv=None):
            'detach_mixing': midas_args.detach_mixing, 'edge_norm': midas_args.edge_norm}
     rows = []
     if 'search' not in args.skip:
-        times = bench_search(args, device)
+        times, decode = bench_search(args, device)
         for m in METHODS:
             med = statistics.median(times[m])
             res[f'search_iter_s_{m}'] = med
@@ -352,6 +372,17 @@ def main(argv=None):
                          f'min {min(times[m]):.4f} s, max {max(times[m]):.4f} s'))
         res['search_ratio_midas_darts'] = res['search_iter_s_midas'] / res['search_iter_s_darts']
         rows.append(('midas / darts', f"{res['search_ratio_midas_darts']:.3f}", '', ''))
+        # search.py's epoch: epoch_images // batch iterations, then a decode; its run: --epochs of them, then the
+        # final decode over the whole search-train half (a static table: one batch again)
+        steps, epochs, sample = args.epoch_images // args.batch_size, midas_args.epochs, midas_args.epoch_decode_samples
+        res.update(epoch_images=args.epoch_images, search_epochs=epochs)
+        for m in METHODS:
+            epoch = steps * res[f'search_iter_s_{m}'] + decode[m]
+            final = decode[m] * (args.epoch_images / sample if m == 'midas' and sample else 1)
+            res.update({f'decode_s_{m}': decode[m], f'search_epoch_s_{m}': epoch,
+                        f'search_run_h_{m}': (epochs * epoch + final) / 3600})
+            rows.append((f'search epoch, {m}', f'{epoch:,.1f} s', f"{epochs} epochs: {res[f'search_run_h_{m}']:.2f} h",
+                         f'{steps} iterations + decode {decode[m]:.2f} s'))
     if 'memory' not in args.skip:
         child_argv = [a for a in argv]
         mem = bench_memory(args, child_argv)

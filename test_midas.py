@@ -1500,14 +1500,18 @@ def test_bench_reports_every_figure_as_one_json_line():
     r = run_script('bench.py', '--space', 'nb201', '--init-channels', '4', '--cells', '1', '--batch-size', '4',
                    '--iters', '2', '--warmup', '1', '--mem-iters', '1', '--train-channels', '4',
                    '--train-layers', '2', '--train-batch-size', '4', '--data-images', '64', '--data-epochs', '1',
-                   '--device', 'cpu')
+                   '--epoch-images', '100', '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     res = json.loads(lines[-1])
     for key in ('search_iter_s_midas', 'search_iter_s_darts', 'search_ratio_midas_darts', 'peak_mem_mb_midas',
-                'peak_mem_mb_darts', 'peak_mem_ratio', 'train_step_s', 'data_images_per_s'):
+                'peak_mem_mb_darts', 'peak_mem_ratio', 'train_step_s', 'data_images_per_s', 'decode_s_midas',
+                'search_epoch_s_midas', 'search_epoch_s_darts', 'search_run_h_midas', 'search_run_h_darts'):
         assert res[key] > 0 and math.isfinite(res[key]), key
     assert res['search_ratio_midas_darts'] == pytest.approx(res['search_iter_s_midas'] / res['search_iter_s_darts'])
+    for m in ('midas', 'darts'):   # an epoch: --epoch-images // batch iterations, then the decode
+        assert res[f'search_epoch_s_{m}'] == pytest.approx(100 // 4 * res[f'search_iter_s_{m}'] + res[f'decode_s_{m}'])
+        assert res[f'search_run_h_{m}'] > res['search_epochs'] * res[f'search_epoch_s_{m}'] / 3600
     assert res['device'].startswith('cpu') and res['space'] == 'nb201'
     assert any('midas / darts' in line for line in lines[:-1])  # the table comes before the JSON
 
