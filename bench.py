@@ -221,9 +221,9 @@ class SearchBench:
         self.search.decode(self.model, [(images[i:i + 256], None) for i in range(0, n, 256)], self.sargs)
 
 
-def bench_search(args, device):
+def bench_search(args, device, decode_images):
     """Both methods in this process, interleaved: -> ({method: [seconds per timed iteration]},
-    {method: seconds of one epoch's decode})."""
+    {method: seconds of a decode of decode_images})."""
     clock = Clock(device)
     benches = {m: SearchBench(args, m, device, args.seed) for m in METHODS}
     times = {m: [] for m in METHODS}
@@ -232,11 +232,10 @@ def bench_search(args, device):
             dt = clock(benches[m].step)
             if r >= args.warmup:
                 times[m].append(dt)
-    decode = {}   # an epoch's decode: search.py's first --epoch-decode-samples images of the search-train half
+    decode = {}
     for m, bench in benches.items():
-        n = bench.sargs.epoch_decode_samples or args.epoch_images
-        bench.decode(n)   # warm-up: eval mode, batches of another size
-        decode[m] = statistics.median(clock(lambda: bench.decode(n)) for _ in range(3))
+        bench.decode(decode_images)   # warm-up: eval mode, batches of another size
+        decode[m] = statistics.median(clock(lambda: bench.decode(decode_images)) for _ in range(3))
     return times, decode
 
 
@@ -362,7 +361,11 @@ def main(argv=None):
            'detach_mixing': midas_args.detach_mixing, 'edge_norm': midas_args.edge_norm}
     rows = []
     if 'search' not in args.skip:
-        times, decode = bench_search(args, device)
+        # search.py's epoch: epoch_images // batch iterations, then a decode of its first --epoch-decode-samples
+        # images; its run: --epochs of them, then the final decode of every image (a static table reads one batch)
+        steps, epochs = args.epoch_images // args.batch_size, midas_args.epochs
+        n_decode = min(midas_args.epoch_decode_samples or args.epoch_images, args.epoch_images)
+        times, decode = bench_search(args, device, n_decode)
         for m in METHODS:
             med = statistics.median(times[m])
             res[f'search_iter_s_{m}'] = med
@@ -372,13 +375,10 @@ def main(argv=None):
                          f'min {min(times[m]):.4f} s, max {max(times[m]):.4f} s'))
         res['search_ratio_midas_darts'] = res['search_iter_s_midas'] / res['search_iter_s_darts']
         rows.append(('midas / darts', f"{res['search_ratio_midas_darts']:.3f}", '', ''))
-        # search.py's epoch: epoch_images // batch iterations, then a decode; its run: --epochs of them, then the
-        # final decode over the whole search-train half (a static table: one batch again)
-        steps, epochs, sample = args.epoch_images // args.batch_size, midas_args.epochs, midas_args.epoch_decode_samples
         res.update(epoch_images=args.epoch_images, search_epochs=epochs)
         for m in METHODS:
             epoch = steps * res[f'search_iter_s_{m}'] + decode[m]
-            final = decode[m] * (args.epoch_images / sample if m == 'midas' and sample else 1)
+            final = decode[m] * (args.epoch_images / n_decode if m == 'midas' else 1)
             res.update({f'decode_s_{m}': decode[m], f'search_epoch_s_{m}': epoch,
                         f'search_run_h_{m}': (epochs * epoch + final) / 3600})
             rows.append((f'search epoch, {m}', f'{epoch:,.1f} s', f"{epochs} epochs: {res[f'search_run_h_{m}']:.2f} h",
