@@ -190,7 +190,7 @@ class SearchBench:
         self.sargs = sargs
         torch.manual_seed(seed)
         meta = DATASETS[sargs.dataset]
-        self.fmt = fmt = torch.channels_last if channels_last(device, args) else torch.contiguous_format
+        fmt = torch.channels_last if channels_last(device, args) else torch.contiguous_format
         (self.model, _, self.arch_params, self.weights, self.w_opt, self.arch_opt, self.forward,
          self.autocast) = search.build_search(sargs, cfg, meta['num_classes'], device, fmt == torch.channels_last)
         self.model.train()
@@ -213,12 +213,9 @@ class SearchBench:
         s.weight_step(self.forward, self.weights, self.w_opt, x_tr, y_tr, a.grad_clip, 1, self.autocast,
                       arch_params=self.arch_params, detach_mixing=a.detach_mixing)
 
-    def decode(self, n_images):
-        """search.py's decode of n_images, in its batches of 256 (a static table reads one batch)."""
-        n = 256 if self.sargs.method == 'darts' else n_images
-        x = self.batches[0][0]
-        images = x.repeat(-(-n // len(x)), 1, 1, 1)[:n].contiguous(memory_format=self.fmt)
-        self.search.decode(self.model, [(images[i:i + 256], None) for i in range(0, n, 256)], self.sargs)
+    def decode(self, loader, n_images):
+        """search.py's decode: its first n_images, read from loader as search.py reads its decode split."""
+        self.search.decode(self.model, self.search.decode_batches(loader, n_images, self.sargs.method), self.sargs)
 
 
 def bench_search(args, device, decode_images):
@@ -232,10 +229,18 @@ def bench_search(args, device, decode_images):
             dt = clock(benches[m].step)
             if r >= args.warmup:
                 times[m].append(dt)
+    # search.py's decode split: unshuffled, unaugmented batches of 256 (random uint8 images here)
+    from data import DATASETS, GPULoader
+    meta = DATASETS[benches['midas'].sargs.dataset]
+    g = torch.Generator().manual_seed(args.seed)
+    loader = GPULoader(torch.randint(0, 256, (decode_images, 3, meta['size'], meta['size']), dtype=torch.uint8,
+                                     generator=g), torch.zeros(decode_images, dtype=torch.long), 256, meta['mean'],
+                       meta['std'], device=device, shuffle=False, drop_last=False, augment=False,
+                       channels_last=channels_last(device, args))
     decode = {}
     for m, bench in benches.items():
-        bench.decode(decode_images)   # warm-up: eval mode, batches of another size
-        decode[m] = statistics.median(clock(lambda: bench.decode(decode_images)) for _ in range(3))
+        bench.decode(loader, decode_images)   # warm-up: eval mode, batches of another size
+        decode[m] = statistics.median(clock(lambda: bench.decode(loader, decode_images)) for _ in range(3))
     return times, decode
 
 
