@@ -30,7 +30,7 @@ import torch
 
 from data import DATASETS, load_dataset, normalize
 from genotypes import genotype_from_json, load_genotype, nb201_parse, node_inputs
-from model import ArchConfig, SearchNetwork
+from model import ArchConfig, SearchNetwork, aux_skip_weight
 from train import Parser, RunError, atomic_write, pick_device, run_cli, write_json
 
 UNIMODAL = 5 / 9  # Sarle's b of a uniform distribution: less is read as unimodal
@@ -202,6 +202,9 @@ def load_run(run, device):
     except (KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"checkpoint '{ckpt}' does not fit the supernet this code builds ({first})") from None
+    if ran.get('aux_skip'):   # the auxiliary skips as in the checkpoint's last epoch (none after the last)
+        model.aux_skip = True
+        model.aux_beta.fill_(aux_skip_weight(max(state.get('epoch', 1) - 1, 0), settings['epochs']))
     return model.to(device).eval(), settings
 
 
@@ -540,12 +543,12 @@ def run_genotype(run):
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm', 'tau', 'attn_dim', 'key_offset',
                 'token_before_bn', 'score_bias', 'share_attention', 'detach_mixing', 'mim', 'mean_shift', 'arch_warmup',
-                'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
+                'aux_skip', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
 # runs older than a flag ran without it, whatever today's default: they group with 'off' here, and search.py
 # --resume rebuilds them so (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
                'token_before_bn': False, 'score_bias': False, 'share_attention': False, 'detach_mixing': False,
-               'edge_norm': False}
+               'edge_norm': False, 'aux_skip': False}
 
 
 def with_older_flags(settings):
@@ -578,6 +581,8 @@ def setting_name(s):
         name += f" + mim {s['mim']:g}"
     if s.get('mean_shift'):
         name += ' + mean-shift'
+    if s.get('aux_skip'):
+        name += ' + aux-skip'
     if s['method'] == 'midas' and s.get('detach_mixing'):   # off by default, as the flags above
         name += ' detach-mixing'
     if s.get('arch_warmup') not in (None, default_warmup(s)):

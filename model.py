@@ -334,7 +334,7 @@ class MixedOp(nn.Module):
 
     def __init__(self, C, stride, primitives, bn_after_pool):
         super().__init__()
-        self.primitives = list(primitives)
+        self.primitives, self.stride = list(primitives), stride
         self.live = [j for j, p in enumerate(self.primitives) if p != 'none']
         self.live_index = live_index(self.live)  # to select the live candidates' columns of a weight table
         ops = []
@@ -481,9 +481,10 @@ class SearchCell(nn.Module):
         self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
         self.before_bn = cfg.token_before_bn and cfg.method == 'midas'
 
-    def forward(self, inputs, alpha=None, recorder=None, offset=None, detach_mixing=False):
+    def forward(self, inputs, alpha=None, recorder=None, offset=None, detach_mixing=False, aux_beta=None):
         """offset: an E x J table added to the mixing weights (mean-shift sampling), or None. detach_mixing:
-        the mixing weights are made without a graph, constants to the backward (as alpha is to DARTS's weights)."""
+        the mixing weights are made without a graph, constants to the backward (as alpha is to DARTS's weights).
+        aux_beta: the weight of the auxiliary skips (DARTS-), or None."""
         if self.kind == 'darts':
             states = [self.preprocess0(inputs[0]), self.preprocess1(inputs[1])]
         else:
@@ -513,7 +514,10 @@ class SearchCell(nn.Module):
                 recorder(self, n, w.transpose(1, 2).unbind(0), gamma, pi)
             # weight of candidate j on edge e: w[e, j], times gamma[e] with the topology (§4-5)
             weights = w[:, self.live] if gamma is None else w[:, self.live] * gamma.unsqueeze(1)  # E L B' gh gw
-            states.append(mix_node(maps, weights.flatten(0, 1).transpose(0, 1)))
+            node = mix_node(maps, weights.flatten(0, 1).transpose(0, 1))
+            if aux_beta is not None:   # a reduction cell's edges from its inputs have stride 2: no identity there
+                node = node + aux_beta * sum(states[i] for op, i in zip(edges, srcs) if op.stride == 1)
+            states.append(node)
             e0 += len(srcs)
         if self.kind == 'darts':
             return torch.cat(states[2:], dim=1)
@@ -579,6 +583,12 @@ class ResNetBasicblock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
+def aux_skip_weight(epoch, epochs):
+    """The auxiliary skips' beta (DARTS-) in epoch `epoch` (from 0) of a search of `epochs`: 1 in the first, 0 in
+    the last (1 in a one-epoch search), linear between; the last epoch's decode so reads the supernet without them."""
+    return 1.0 - epoch / max(epochs - 1, 1)
+
+
 class SearchNetwork(nn.Module):
     """The supernet of any space. DARTS-style spaces: DARTS's search Network (stem 3C, `layers` cells,
     reductions at 1/3 and 2/3). NB201: the NAS-Bench-201 macro network (three stages of `cells` cells
@@ -619,6 +629,12 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(C_p, num_classes)
         self.feature_channels, self.feature_stride = C_p, 4  # the last map is 1/4 of the input: two reductions
         self.mix_offset = None  # {cell type: E x J}, set only while mean-shift sampling runs
+        # DARTS- (Chu et al. 2021; search.py --aux-skip): every node also gets aux_beta times each of its stride-1
+        # inputs, outside the searched mixture, so that a skip candidate is no longer the supernet's only gradient
+        # highway; search.py decays aux_beta to 0 over the search. A buffer: torch.compile reads a new value without
+        # recompiling.
+        self.aux_skip = False
+        self.register_buffer('aux_beta', torch.zeros(()), persistent=False)
         if cfg.method == 'midas' and cfg.share_attention:
             # One attention per node for all the cells of a stage and type (cells of equal width: their W_q, W_k
             # have the same shapes), where §3 gives each cell its own. Each cell then still weighs its own inputs,
@@ -647,7 +663,8 @@ class SearchNetwork(nn.Module):
                 cell_type = self.cell_type(cell)
                 alpha = self.alphas[cell_type] if self.alphas is not None else None
                 offset = self.mix_offset[cell_type] if self.mix_offset is not None else None
-                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset, detach_mixing)
+                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset, detach_mixing,
+                                  self.aux_beta if self.aux_skip else None)
             else:
                 s0, s1 = s1, cell(s1)
         fmap = self.lastact(s1)

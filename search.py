@@ -23,18 +23,18 @@ import torch.nn.functional as F
 from analyze import MIDAS_ONLY, SETTING_OFF, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
-from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, mask_patches, mim_loss
+from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
-                   load_checkpoint, restoring, run_cli, save_checkpoint, seed_everything, setup_distributed,
-                   started_with, write_json)
+                   load_checkpoint, restoring, rng_states, run_cli, save_checkpoint, seed_everything,
+                   setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
                'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'dataset', 'init_channels', 'layers',
                'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min',
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
-               'ms_eps', 'ms_bandwidth', 'detach_mixing', 'momentum', 'weight_decay', 'grad_clip', 'arch_weight_decay',
-               'epoch_decode_samples', 'decode_samples', 'decode_none']
+               'ms_eps', 'ms_bandwidth', 'detach_mixing', 'aux_skip', 'momentum', 'weight_decay', 'grad_clip',
+               'arch_weight_decay', 'epoch_decode_samples', 'decode_samples', 'decode_none']
 # flags newer than some runs, with the value those were run with, as analyze.py groups them (a checkpoint older
 # than a key that its run's args.json holds is checked against args.json)
 ADDED_KEYS = SETTING_OFF
@@ -84,6 +84,10 @@ def get_args(argv=None):
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
                    help="weight step: the mixing weights are constants, as DARTS's alpha, and MIDAS's operations are "
                         "not trained to steer the attention on the weights' split (default: the whole gradient)")
+    p.add_argument('--aux-skip', action=argparse.BooleanOptionalAction, default=False,
+                   help="DARTS- (Chu et al. 2021): add to every node each of its stride-1 inputs, outside the searched "
+                        "mixture, weighted 1 in the first epoch and decayed linearly to 0 in the last, so that skip "
+                        "candidates stop winning as the deep supernet's gradient highway (default %(default)s)")
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--arch-warmup', type=int, default=None,
                    help='epochs of weight steps only before architecture steps start (default 5 with '
@@ -241,6 +245,8 @@ def build_search(args, cfg, num_classes, device, channels_last=None):
     -> (model, mim_decoder or None, arch_params, weights, w_opt, arch_opt, forward, autocast)"""
     channels_last = use_channels_last(device) if channels_last is None else channels_last
     model = SearchNetwork(args.space, args.init_channels, num_classes, args.layers, args.cells, cfg).to(device)
+    model.aux_skip = args.aux_skip
+    model.aux_beta.fill_(1.0 if args.aux_skip else 0.0)   # the first epoch's (main sets each epoch's)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == 'cuda':
@@ -322,16 +328,17 @@ def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=Non
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def mean_shift_offsets(model, x, y, args, autocast, world=1):
+def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None):
     """MS-DARTS's mean-shift sampling (METHOD.md §11), as offsets to the mixing weights the cells use
     (softmax(alpha) for darts; the attention weights for midas, the offset broadcast over samples and
     patches). T rounds: N points drawn within +-eps of the current point, each weighted by the softmax
-    of its training loss times a Gaussian kernel of its squared distance; move to the weighted mean."""
+    of its training loss times a Gaussian kernel of its squared distance; move to the weighted mean.
+    generator: where the points are drawn from, the same on every rank (all ranks must move to one point)."""
     types = ('normal', 'reduce') if model.kind == 'darts' else ('normal',)
     centre = {t: torch.zeros(len(model.space[t]), len(model.space[t][0]), device=x.device) for t in types}
     with torch.no_grad():
         for _ in range(args.ms_iters):
-            points = [{t: c + args.ms_eps * (2 * torch.rand(c.shape) - 1).to(x.device) for t, c in centre.items()}
+            points = [{t: c + args.ms_eps * (2 * torch.rand(c.shape, generator=generator) - 1).to(x.device) for t, c in centre.items()}
                       for _ in range(args.ms_samples)]
             losses = []
             for point in points:
@@ -527,9 +534,13 @@ def main(argv=None):
     model, mim_decoder, arch_params, weights, w_opt, arch_opt, forward, autocast = build_search(
         args, cfg, meta['num_classes'], device)
     # MIM masks come from a generator of their own, seeded per rank and epoch: under torchrun each rank masks its
-    # images differently (the global generator is the same on every rank, as mean-shift needs), and a resumed
-    # run draws the masks an uninterrupted one drew
+    # images differently, and a resumed run draws the masks an uninterrupted one drew. Mean-shift's points come
+    # from one seeded per epoch alone: every rank must draw the same. The global generator, which built the same
+    # supernet on every rank, is then seeded per rank, for what else draws in the loop (S4's 'noise' candidates).
     mask_gen = torch.Generator() if args.mim else None
+    ms_gen = torch.Generator() if args.mean_shift else None
+    if world > 1:
+        torch.manual_seed(args.seed * 1000 + rank)
     mim = (mim_decoder, args.mim, args.mim_ratio, args.mim_patch, mask_gen) if args.mim else None
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, args.epochs, eta_min=args.lr_min)
 
@@ -544,9 +555,13 @@ def main(argv=None):
             scheduler.load_state_dict(resume_state['scheduler'])
             train_q.load_state_dict(resume_state['train_q'])
             val_q.load_state_dict(resume_state['val_q'])
-            torch.set_rng_state(resume_state['rng_cpu'])
-            if use_cuda and resume_state.get('rng_cuda') is not None:
-                torch.cuda.set_rng_state(resume_state['rng_cuda'], device)
+            # every rank's generator state ('rng'; an older checkpoint holds rank 0's alone); extra ranks of a
+            # wider restart keep their seed
+            rng = resume_state.get('rng') or [{'cpu': resume_state['rng_cpu'], 'cuda': resume_state.get('rng_cuda')}]
+            if rank < len(rng):
+                torch.set_rng_state(rng[rank]['cpu'])
+                if use_cuda and rng[rank]['cuda'] is not None:
+                    torch.cuda.set_rng_state(rng[rank]['cuda'], device)
             start_epoch, history = resume_state['epoch'], resume_state['history']
         log(f'resumed {args.save} at epoch {start_epoch}')
     else:
@@ -565,8 +580,13 @@ def main(argv=None):
     meter = Throughput((args.epochs - start_epoch) * steps)
     for epoch in range(start_epoch, args.epochs):
         model.train()
+        if args.aux_skip:
+            model.aux_beta.fill_(aux_skip_weight(epoch, args.epochs))
+            log(f'epoch {epoch + 1}/{args.epochs}: aux-skip beta {model.aux_beta.item():.3f}')
         if mask_gen is not None:
             mask_gen.manual_seed((args.seed * 1000 + epoch) * 1000 + rank)
+        if ms_gen is not None:
+            ms_gen.manual_seed(args.seed * 1000 + epoch)
         lr = scheduler.get_last_lr()[0]
         totals = torch.zeros(4, device=device)  # train loss, train correct, val loss, val correct
         seen = 0
@@ -584,7 +604,7 @@ def main(argv=None):
             else:
                 v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast, weights)
             if args.mean_shift:
-                model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast, world)
+                model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast, world, ms_gen)
             t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim,
                                        arch_params, args.detach_mixing)
             model.mix_offset = None
@@ -616,14 +636,14 @@ def main(argv=None):
         log(f'epoch {epoch + 1} genotype {genotype} (smallest decode margin {entry["min_margin"]:.4f})')
         if score:
             log(f"epoch {epoch + 1} NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}")
+        rng = rng_states(device, world)   # a collective: every rank takes part
         if rank == 0:
             write_json(os.path.join(args.save, 'history.json'), history)
             save_checkpoint(os.path.join(args.save, 'checkpoint.pt'), {
                 'config': config, 'epoch': epoch + 1, 'history': history, 'model': model.state_dict(),
                 'mim_decoder': mim_decoder.state_dict() if mim_decoder is not None else None,
                 'w_opt': w_opt.state_dict(), 'arch_opt': arch_opt.state_dict(), 'scheduler': scheduler.state_dict(),
-                'train_q': train_q.state_dict(), 'val_q': val_q.state_dict(), 'rng_cpu': torch.get_rng_state(),
-                'rng_cuda': torch.cuda.get_rng_state(device) if use_cuda else None})
+                'train_q': train_q.state_dict(), 'val_q': val_q.state_dict(), 'rng': rng})
 
     genotype, record = decode(model, decode_batches(decode_q, args.decode_samples, args.method), args)
     score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None

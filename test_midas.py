@@ -610,8 +610,13 @@ def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path):
     with open(os.path.join(save, 'genotype.json')) as f:
         assert len(G.nb201_parse(json.load(f)["arch"])) == 6
     assert 'world 2' in open(os.path.join(save, 'log.txt')).read()
+    # the ranks built one supernet from one seed, then draw apart (S4's 'noise' candidates), and the checkpoint
+    # resumes each rank's own generator
+    ckpt = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
+    assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
 
-@pytest.mark.parametrize('flags', [[], ['--mim', '0.5']])   # MIM's masks: a generator seeded per epoch
+# MIM's masks: a generator seeded per epoch; --aux-skip: a weight set per epoch
+@pytest.mark.parametrize('flags', [[], ['--mim', '0.5', '--aux-skip']])
 def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
     args = ['search.py', '--data', cifar, '--space', 'nb201', '--epochs', '3', '--batch-size', '8',
             '--init-channels', '4', '--cells', '1', '--subset', '160', '--epoch-decode-samples', '16',
@@ -622,8 +627,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
 
     killed = str(tmp_path / 'killed')
     ckpt = kill_after_first_checkpoint(args, killed)
-    assert torch.load(ckpt, weights_only=False)['epoch'] < 3
+    state = torch.load(ckpt, weights_only=False)
+    assert state['epoch'] < 3
     assert not os.path.exists(os.path.join(killed, 'genotype.json'))
+    if not flags:   # a checkpoint from before every rank's generator was kept resumes from its rank 0's
+        (one,) = state.pop('rng')
+        state['rng_cpu'], state['rng_cuda'] = one['cpu'], one['cuda']
+        torch.save(state, ckpt)
 
     r = run_script('search.py', '--resume', killed)   # the run's own flags, data and device, from its args.json
     assert r.returncode == 0, r.stderr
@@ -783,7 +793,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
     old = ['--no-edge-norm']   # the one of them on by default today
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--share-attention', '--detach-mixing',
-                 '--edge-norm'):
+                 '--edge-norm', '--aux-skip'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
@@ -1438,6 +1448,47 @@ def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, space, method, fla
     G.validate_genotype(g, space)
     state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert (state['mim_decoder'] is not None) == ('--mim' in flags)
+
+
+def test_aux_skip_adds_every_stride_one_input_and_decays_to_zero(monkeypatch):
+    """--aux-skip (DARTS-): with the searched mixture taken out, a cell is its auxiliary skips alone: node k is beta
+    times the sum of its stride-1 inputs (a reduction cell's edges from its inputs have none), and beta 0 is the
+    supernet without them."""
+    import model as M
+    assert [M.aux_skip_weight(e, 5) for e in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    torch.manual_seed(0)
+    net = SearchNetwork('nb201', C=4, cells=1).eval()
+    x = torch.randn(2, 3, 32, 32)
+    plain = net(x)
+    net.aux_skip = True
+    assert torch.equal(net(x), plain)   # beta 0
+    net.aux_beta.fill_(0.5)
+    assert not torch.allclose(net(x), plain)
+    monkeypatch.setattr(M, 'mix_node', lambda maps, weights: torch.zeros_like(maps[0]))
+    b = 0.5
+    cell = net.search_cells()[0]
+    s = torch.randn(2, 4, 8, 8)
+    # nodes 1..3: b x, b (x + b x), b (x + b x + b (1 + b) x) = b (1 + b)^2 x
+    assert torch.allclose(cell([s], aux_beta=torch.tensor(b)), b * (1 + b) ** 2 * s)
+    darts = SearchNetwork('darts', C=4, layers=3).eval()
+    normal, reduce = darts.search_cells()[0], darts.search_cells()[1]
+    s0, s1 = torch.randn(2, 12, 8, 8), torch.randn(2, 12, 8, 8)
+    out = normal([s0, s1], aux_beta=torch.tensor(b))
+    p0, p1 = normal.preprocess0(s0), normal.preprocess1(s1)
+    n2 = b * (p0 + p1)
+    n3 = b * (p0 + p1 + n2)
+    assert torch.allclose(out[:, :4], n2) and torch.allclose(out[:, 4:8], n3)
+    s0, s1 = torch.randn(2, 12, 8, 8), torch.randn(2, 16, 8, 8)   # node 2 of a reduction cell: stride-2 edges only
+    assert torch.equal(reduce([s0, s1], aux_beta=torch.tensor(b)), torch.zeros(2, 32, 4, 4))
+
+
+def test_aux_skip_search_ends_without_the_skips(cifar, tmp_path):
+    save = str(tmp_path / 'run')
+    search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY, '--epochs', '2', '--aux-skip'])
+    net, settings = analyze.load_run(save, torch.device('cpu'))
+    assert settings['aux_skip'] and net.aux_skip and net.aux_beta.item() == 0.0   # the last epoch's beta
+    with open(os.path.join(save, 'log.txt')) as f:
+        assert 'aux-skip' in f.read()
 
 
 def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path):
