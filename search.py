@@ -338,8 +338,8 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None):
     centre = {t: torch.zeros(len(model.space[t]), len(model.space[t][0]), device=x.device) for t in types}
     with torch.no_grad():
         for _ in range(args.ms_iters):
-            points = [{t: c + args.ms_eps * (2 * torch.rand(c.shape, generator=generator) - 1).to(x.device) for t, c in centre.items()}
-                      for _ in range(args.ms_samples)]
+            points = [{t: c + args.ms_eps * (2 * torch.rand(c.shape, generator=generator) - 1).to(x.device)
+                       for t, c in centre.items()} for _ in range(args.ms_samples)]
             losses = []
             for point in points:
                 model.mix_offset = point
