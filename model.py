@@ -34,6 +34,7 @@ class ArchConfig:
     token_before_bn: bool = False  # tokens from the input of a candidate's final BN, not its output (§12)
     score_bias: bool = False   # a learned scalar on each live candidate's score: an alpha inside MIDAS (a deviation)
     share_attention: bool = False  # the cells of a stage share one attention per node, as DARTS's alpha (a deviation)
+    token_bn: bool = False     # tokens of parameter-free candidates without a final BN standardised as if they had one
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -317,6 +318,13 @@ def forward_before_bn(op, x):
     return y, y
 
 
+def ends_in_bn(op):
+    """Whether op's map is the output of a BatchNorm (every conv here; DARTS's pools, which get one in the search)."""
+    if isinstance(op, nn.Sequential) and len(op):
+        return ends_in_bn(op[-1])
+    return isinstance(op, (nn.BatchNorm2d, FactorizedReduce))
+
+
 def live_index(live):
     """The candidate indices `live` as a slice when they are a contiguous run (always, in this project's
     spaces): slicing needs no index tensor, which on CUDA is a host-to-device copy that waits for the GPU."""
@@ -349,6 +357,8 @@ class MixedOp(nn.Module):
         # the same function of the input on every edge ('noise' draws afresh on each)
         self.pure = [self.primitives[j] != 'noise' and not any(True for _ in op.parameters())
                      for j, op in zip(self.live, self._ops)]
+        # the identity and NB201's avg-pool pass their input's scale on, where every other candidate ends in a BN
+        self.unnormalised = [pure and not ends_in_bn(op) for pure, op in zip(self.pure, self._ops)]
 
     def forward(self, x, x_relu=None, shared=None, before_bn=False):
         """x_relu: relu(x) if the caller has it (computed here otherwise). shared: a dict kept by the caller for
@@ -535,7 +545,11 @@ class SearchCell(nn.Module):
                 pooled[i] = pool_grid(states[i], gh, gw)
         keys = [(i, op.primitives[j]) if pure else None
                 for op, i in zip(edges, srcs) for j, pure in zip(op.live, op.pure)]
-        t = self._tokens(maps, keys, tokens, gh, gw)
+        standardise = None
+        if self.cfg.token_bn:   # the source state of each candidate that needs it, else None
+            standardise = [states[i] if raw else None
+                           for op, i in zip(edges, srcs) for raw in op.unnormalised]
+        t = self._tokens(maps, keys, tokens, gh, gw, standardise)
         live = self.attention[n](torch.cat([pooled[i] for i in srcs], 1), t)    # K B gh gw, K = E L
         live = live.view(len(edges), -1, *live.shape[1:])                         # E L B gh gw
         if live.shape[1] == len(edges[0].primitives):
@@ -544,12 +558,15 @@ class SearchCell(nn.Module):
         scores[:, self.live] = live
         return scores
 
-    def _tokens(self, maps, keys, cache, gh, gw):
+    def _tokens(self, maps, keys, cache, gh, gw, standardise=None):
         """The tokens of a node's K candidate maps, K x B x gh x gw x C' (NodeAttention normalises them). A
         parameter-free candidate's map (key not None) is the same on every edge leaving its state, and so is its
-        token: made once, kept in cache for the later nodes of the cell."""
+        token: made once, kept in cache for the later nodes of the cell. standardise: per candidate, the state
+        whose batch statistics standardise its token (--token-bn), or None."""
         todo = [k for k, key in enumerate(keys) if key not in cache]
         made = patch_tokens([maps[k] for k in todo], gh, gw, self.cfg.token) if todo else None
+        if standardise is not None and any(standardise[k] is not None for k in todo):
+            made = standardised_tokens(made, [standardise[k] for k in todo], self.cfg.token)
         if len(todo) == len(maps) and all(key is None for key in keys):
             return made
         # unbind, not indexing: one backward op for all of them, where each index would zero-fill K tokens
@@ -558,6 +575,30 @@ class SearchCell(nn.Module):
         if len(todo) == len(maps):
             return made
         return torch.stack([new[k] if k in new else cache[key] for k, key in enumerate(keys)])
+
+
+def standardised_tokens(tokens, states, token):
+    """--token-bn: K tokens, K x B x gh x gw x C', each whose state is given read as if its map had passed a BN
+    without affine parameters, as the convolutions' maps have: its patch means less the state's per-channel batch
+    mean, means and spreads over the state's per-channel batch std. The identity's and avg-pool's maps carry
+    their input's scale, which grows with depth (a node sums its edges, a stage its cells), where a conv's BN
+    resets it to 1; with edge-normalised keys (--edge-norm) the larger token takes the larger score. Both are
+    divided by the same state's std, so avg-pool keeps the smaller spread that tells it from skip."""
+    c = tokens.shape[-1] // 2 if token == 'meanstd' else tokens.shape[-1]
+    shift, scale, done = [], [], {}
+    for t, state in zip(tokens, states):
+        if state is None:
+            shift.append(t.new_zeros(c)), scale.append(t.new_ones(c))
+            continue
+        if id(state) not in done:   # mean and std per channel over batch and pixels, in float32
+            var, mean = torch.var_mean(state.float(), dim=(0, 2, 3), correction=0)
+            done[id(state)] = mean, (var + 1e-5).sqrt()
+        mean, std = done[id(state)]
+        shift.append(mean), scale.append(std)
+    shift, scale = torch.stack(shift), torch.stack(scale)                      # K x C
+    if token == 'meanstd':
+        shift, scale = torch.cat([shift, torch.zeros_like(shift)], 1), torch.cat([scale, scale], 1)
+    return (tokens - shift[:, None, None, None]) / scale[:, None, None, None]
 
 
 # ---------------------------------------------------------------------------------------------

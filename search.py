@@ -30,7 +30,7 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_se
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
-               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'dataset', 'init_channels', 'layers',
+               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'dataset', 'init_channels', 'layers',
                'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min',
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
                'ms_eps', 'ms_bandwidth', 'detach_mixing', 'aux_skip', 'momentum', 'weight_decay', 'grad_clip',
@@ -81,6 +81,10 @@ def get_args(argv=None):
     p.add_argument('--share-attention', action=argparse.BooleanOptionalAction, default=ArchConfig.share_attention,
                    help="one attention per node for all the cells of a stage, as DARTS's alpha is one per cell type "
                         "(a deviation: §3 gives each cell its own; default %(default)s)")
+    p.add_argument('--token-bn', action=argparse.BooleanOptionalAction, default=ArchConfig.token_bn,
+                   help="standardise the tokens of skip and NB201's avg-pool by their input's batch mean and std, as "
+                        "a BN standardises every other candidate's map: their tokens stop growing with depth and so "
+                        "stop taking the larger scores (default %(default)s)")
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
                    help="weight step: the mixing weights are constants, as DARTS's alpha, and MIDAS's operations are "
                         "not trained to steer the attention on the weights' split (default: the whole gradient)")

@@ -386,6 +386,33 @@ def test_edge_norm_keeps_the_scale_that_tells_skip_from_avg_pool():
     torch.testing.assert_close(edge(z, t2)[4:], s_edge[4:], atol=1e-4, rtol=1e-4)
 
 
+def test_token_bn_makes_the_scores_blind_to_the_scale_of_a_cells_input():
+    """--token-bn: the identity's and avg-pool's tokens standardised by their state's batch statistics, as a BN
+    standardises every conv's map. A cell's input scaled by 40 (what depth does to NB201's states) then leaves
+    the first node's mixing weights as they were (the later nodes mix maps of both scales, so their inputs do
+    change); without it, skip and avg-pool take scores that grow with the input. Avg-pool keeps the smaller
+    spread that tells it from skip."""
+    from model import SearchCell, standardised_tokens
+    x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(0))
+    weights = {}
+    for token_bn in (False, True):
+        torch.manual_seed(0)
+        cell = SearchCell('nb201', G.get_space('nb201')['normal'], None, 8, 8, False, False,
+                          ArchConfig(token_bn=token_bn)).train()
+        for scale in (1.0, 40.0):
+            seen = []
+            with torch.no_grad():
+                cell([scale * x], recorder=lambda c, n, w, gamma, pi: seen.append(torch.stack(w)))
+            weights[token_bn, scale] = seen[0]   # node 1: its one edge, from the cell's input
+    assert torch.allclose(weights[True, 1.0], weights[True, 40.0], atol=1e-4)
+    assert not torch.allclose(weights[False, 1.0], weights[False, 40.0], atol=1e-2)
+    skip, pool = x, F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+    t = standardised_tokens(patch_tokens([skip, pool], 4, 4, 'meanstd'), [x, x], 'meanstd')
+    assert t[0, ..., 8:].mean() > 1.2 * t[1, ..., 8:].mean()   # pooling smooths: a smaller spread per patch
+    assert abs(t[0, ..., :8].mean()) < 0.1 and abs(t[0, ..., 8:].pow(2).mean() + t[0, ..., :8].pow(2).mean() - 1) < 0.05
+    assert torch.equal(standardised_tokens(t, [None, None], 'meanstd'), t)   # only where a state is given
+
+
 def test_token_before_bn_reads_the_input_of_each_candidates_final_bn():
     from model import forward_before_bn
     from ops import OPS
@@ -793,7 +820,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
     old = ['--no-edge-norm']   # the one of them on by default today
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--share-attention', '--detach-mixing',
-                 '--edge-norm', '--aux-skip'):
+                 '--edge-norm', '--aux-skip', '--token-bn'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
