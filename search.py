@@ -26,12 +26,13 @@ from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
                    load_checkpoint, restoring, rng_states, run_cli, save_checkpoint, seed_everything,
-                   setup_distributed, started_with, write_json)
+                   set_rng_states, setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
-               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'dataset', 'init_channels', 'layers',
-               'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min',
+               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'dataset',
+               'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
+               'unrolled', 'lr', 'lr_min',
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
                'ms_eps', 'ms_bandwidth', 'detach_mixing', 'aux_skip', 'momentum', 'weight_decay', 'grad_clip',
                'arch_weight_decay', 'epoch_decode_samples', 'decode_samples', 'decode_none']
@@ -249,8 +250,7 @@ def build_search(args, cfg, num_classes, device, channels_last=None):
     -> (model, mim_decoder or None, arch_params, weights, w_opt, arch_opt, forward, autocast)"""
     channels_last = use_channels_last(device) if channels_last is None else channels_last
     model = SearchNetwork(args.space, args.init_channels, num_classes, args.layers, args.cells, cfg).to(device)
-    model.aux_skip = args.aux_skip
-    model.aux_beta.fill_(1.0 if args.aux_skip else 0.0)   # the first epoch's (main sets each epoch's)
+    model.aux_skip = args.aux_skip   # main sets each epoch's weight
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if device.type == 'cuda':
@@ -520,7 +520,6 @@ def main(argv=None):
     if len(train_idx) < args.batch_size or len(val_idx) < args.batch_size:
         raise RunError(f'{len(y)} images split {args.train_portion}: each half needs at least one batch of '
                        f'{args.batch_size}')
-    use_cuda = device.type == 'cuda'
     loader_kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
                      channels_last=use_channels_last(device))
     # Each rank takes its slice of every global batch, so --batch-size is the global batch.
@@ -559,13 +558,9 @@ def main(argv=None):
             scheduler.load_state_dict(resume_state['scheduler'])
             train_q.load_state_dict(resume_state['train_q'])
             val_q.load_state_dict(resume_state['val_q'])
-            # every rank's generator state ('rng'; an older checkpoint holds rank 0's alone); extra ranks of a
-            # wider restart keep their seed
-            rng = resume_state.get('rng') or [{'cpu': resume_state['rng_cpu'], 'cuda': resume_state.get('rng_cuda')}]
-            if rank < len(rng):
-                torch.set_rng_state(rng[rank]['cpu'])
-                if use_cuda and rng[rank]['cuda'] is not None:
-                    torch.cuda.set_rng_state(rng[rank]['cuda'], device)
+            # every rank's generator state ('rng'; an older checkpoint holds rank 0's alone)
+            set_rng_states(resume_state.get('rng') or [{'cpu': resume_state['rng_cpu'],
+                                                        'cuda': resume_state.get('rng_cuda')}], rank, device)
             start_epoch, history = resume_state['epoch'], resume_state['history']
         log(f'resumed {args.save} at epoch {start_epoch}')
     else:

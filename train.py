@@ -528,6 +528,14 @@ def rng_states(device, world):
     return states
 
 
+def set_rng_states(states, rank, device):
+    """Resume this rank's RNG state from rng_states' list; extra ranks of a wider restart keep their seed."""
+    if rank < len(states):
+        torch.set_rng_state(states[rank]['cpu'])
+        if device.type == 'cuda' and states[rank]['cuda'] is not None:
+            torch.cuda.set_rng_state(states[rank]['cuda'], device)
+
+
 def amp_setup(name, device):
     """-> (resolved name, autocast context factory, gradient scaler: a pass-through unless fp16)."""
     if name == 'auto':
@@ -630,10 +638,7 @@ def main(argv=None):
             scaler.load_state_dict(state['scaler'])
             if state['train_q'] is not None:
                 train_q.load_state_dict(state['train_q'])
-            if rank < len(state['rng']):  # extra ranks of a wider restart keep their seed
-                torch.set_rng_state(state['rng'][rank]['cpu'])
-                if use_cuda and state['rng'][rank]['cuda'] is not None:
-                    torch.cuda.set_rng_state(state['rng'][rank]['cuda'], device)
+            set_rng_states(state['rng'], rank, device)
             start_epoch, history, wall = state['epoch'], state['history'], state['wall_time']
         log(f'resumed {args.save} at epoch {start_epoch}')
     aux = f'{n_with_aux:,} with the auxiliary head' if n_with_aux != n_params else 'no auxiliary head'
