@@ -60,6 +60,8 @@ def get_args(argv=None):
                    help="search.py's --detach-mixing (default: search.py's)")
     p.add_argument('--edge-norm', action=argparse.BooleanOptionalAction, default=None,
                    help="search.py's --edge-norm (default: search.py's)")
+    p.add_argument('--token-bn', action=argparse.BooleanOptionalAction, default=None,
+                   help="search.py's --token-bn (default: search.py's)")
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s own)')
     p.add_argument('--iters', type=int, default=10, help='timed iterations per method')
     p.add_argument('--warmup', type=int, default=3, help='untimed iterations per method first')
@@ -164,7 +166,7 @@ def search_args(args, method, device):
             '--batch-size', str(args.batch_size), '--device', str(device), '--amp', args.amp]
     if args.unrolled:
         argv.append('--unrolled')
-    for flag in ('detach_mixing', 'edge_norm'):   # search.py's default unless given
+    for flag in ('detach_mixing', 'edge_norm', 'token_bn'):   # search.py's default unless given
         if getattr(args, flag) is not None:
             argv.append(('--' if getattr(args, flag) else '--no-') + flag.replace('_', '-'))
     if args.compile:
@@ -363,7 +365,8 @@ def main(argv=None):
            'batch_size': args.batch_size, 'patch': args.patch, 'token': args.token, 'unrolled': args.unrolled,
            'amp': args.amp, 'compile': args.compile, 'channels_last': channels_last(device, args),
            'iters': args.iters, 'warmup': args.warmup,
-           'detach_mixing': midas_args.detach_mixing, 'edge_norm': midas_args.edge_norm}
+           'detach_mixing': midas_args.detach_mixing, 'edge_norm': midas_args.edge_norm,
+           'token_bn': midas_args.token_bn}
     rows = []
     if 'search' not in args.skip:
         # search.py's epoch: epoch_images // batch iterations, then a decode of its first --epoch-decode-samples
@@ -420,7 +423,7 @@ def main(argv=None):
           f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, "
           f"{args.layers if args.space != 'nb201' else args.cells} {'cells' if args.space != 'nb201' else 'cells/stage'}, "
           f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
-          f"edge-norm {res['edge_norm']}, {'second' if args.unrolled else 'first'} order, "
+          f"edge-norm {res['edge_norm']}, token-bn {res['token_bn']}, {'second' if args.unrolled else 'first'} order, "
           f"detach-mixing {res['detach_mixing']}, amp {args.amp}, "
           f"compile {args.compile}, "
           f"channels_last {res['channels_last']}; medians of {args.iters} after {args.warmup} warm-up")

@@ -1575,8 +1575,9 @@ def test_nb201_results_table(tmp_path):
 # bench.py
 
 def test_bench_reports_every_figure_as_one_json_line():
+    token_bn = not ArchConfig.token_bn   # a search flag given to bench reaches the supernet it times
     r = run_script('bench.py', '--space', 'nb201', '--init-channels', '4', '--cells', '1', '--batch-size', '4',
-                   '--iters', '2', '--warmup', '1', '--mem-iters', '1', '--train-channels', '4',
+                   '--token-bn' if token_bn else '--no-token-bn', '--iters', '2', '--warmup', '1', '--mem-iters', '1', '--train-channels', '4',
                    '--train-layers', '2', '--train-batch-size', '4', '--data-images', '64', '--data-epochs', '1',
                    '--epoch-images', '100', '--device', 'cpu')
     assert r.returncode == 0, r.stderr
@@ -1590,7 +1591,7 @@ def test_bench_reports_every_figure_as_one_json_line():
     for m in ('midas', 'darts'):   # an epoch: --epoch-images // batch iterations, then the decode
         assert res[f'search_epoch_s_{m}'] == pytest.approx(100 // 4 * res[f'search_iter_s_{m}'] + res[f'decode_s_{m}'])
         assert res[f'search_run_h_{m}'] > res['search_epochs'] * res[f'search_epoch_s_{m}'] / 3600
-    assert res['device'].startswith('cpu') and res['space'] == 'nb201'
+    assert res['device'].startswith('cpu') and res['space'] == 'nb201' and res['token_bn'] is token_bn
     assert any('midas / darts' in line for line in lines[:-1])  # the table comes before the JSON
 
 
