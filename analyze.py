@@ -543,7 +543,8 @@ def run_genotype(run):
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm', 'tau', 'attn_dim', 'key_offset',
                 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'detach_mixing', 'mim', 'mean_shift',
-                'arch_warmup', 'aux_skip', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset')
+                'arch_warmup', 'aux_skip', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset',
+                'select')
 # runs older than a flag ran without it, whatever today's default: they group with 'off' here, and search.py
 # --resume rebuilds them so (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
@@ -583,6 +584,8 @@ def setting_name(s):
         name += ' + mean-shift'
     if s.get('aux_skip'):
         name += ' + aux-skip'
+    if s.get('select', 'weights') != 'weights':
+        name += f" select {s['select']}"
     if s['method'] == 'midas' and s.get('detach_mixing'):   # off by default, as the flags above
         name += ' detach-mixing'
     if s.get('arch_warmup') not in (None, default_warmup(s)):
@@ -622,6 +625,7 @@ def nb201_results(runs):
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
+        settings['select'] = final.get('select', 'weights')   # a finished run resumed with another --select chose again
         key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k)
                     for k in SETTING_KEYS)
         twin = seen.setdefault((key, settings['seed']), run)

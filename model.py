@@ -450,14 +450,17 @@ def _pair_tables(n_edges, device, dtype):
     return _PAIR_TABLES[key]
 
 
-def edge_weights(scores, live, topology):
+def edge_weights(scores, live, topology, cut=None):
     """Softmax over each edge's candidates, then (topology) the pair softmax of §5, for all the edges of a node at
-    once. scores: E x J x B' x gh x gw (B' = 1 for a static table); live: the columns of the non-'none' candidates.
+    once. scores: E x J x B' x gh x gw (B' = 1 for a static table); live: the columns of the non-'none' candidates;
+    cut: E booleans, True for an edge taken out of every pair (its logit -inf), or None.
     -> (w E x J x B' x gh x gw, gamma E x B' x gh x gw or None, pi P x B' x gh x gw or None)"""
     w = scores.softmax(1)
     if not topology or scores.shape[0] < 2:
         return w, None, None
     logits = scores[:, live].logsumexp(1)                                                       # E B gh gw
+    if cut is not None:
+        logits = logits.masked_fill(cut.view(-1, 1, 1, 1), -math.inf)
     first, second, membership = _pair_tables(scores.shape[0], logits.device, logits.dtype)
     pi = (logits.index_select(0, first) + logits.index_select(0, second)).softmax(0)           # P B gh gw
     gamma = torch.einsum('ep,pbxy->ebxy', membership, pi)
@@ -491,10 +494,12 @@ class SearchCell(nn.Module):
         self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
         self.before_bn = cfg.token_before_bn and cfg.method == 'midas'
 
-    def forward(self, inputs, alpha=None, recorder=None, offset=None, detach_mixing=False, aux_beta=None):
+    def forward(self, inputs, alpha=None, recorder=None, offset=None, detach_mixing=False, aux_beta=None,
+                removed=None):
         """offset: an E x J table added to the mixing weights (mean-shift sampling), or None. detach_mixing:
         the mixing weights are made without a graph, constants to the backward (as alpha is to DARTS's weights).
-        aux_beta: the weight of the auxiliary skips (DARTS-), or None."""
+        aux_beta: the weight of the auxiliary skips (DARTS-), or None. removed: (E x J candidates, E edges), True
+        where a candidate or a whole edge is taken out of the supernet (perturbation selection), or None."""
         if self.kind == 'darts':
             states = [self.preprocess0(inputs[0]), self.preprocess1(inputs[1])]
         else:
@@ -515,15 +520,21 @@ class SearchCell(nn.Module):
                 maps, token_maps = [f for f, _ in maps], [t for _, t in maps]
             else:
                 token_maps = maps
+            cut = None
             with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_mixing):
                 scores = self._scores(n, srcs, states, edges, token_maps, pooled, tokens, alpha, e0)  # E J B' gh gw
-                w, gamma, pi = edge_weights(scores, self.live, self.topology)
+                if removed is not None:  # a removed candidate's score is -inf: its edge's softmax renormalises
+                    ops, cut = (r[e0:e0 + len(srcs)] for r in removed)
+                    scores = scores.masked_fill(ops.view(*ops.shape, 1, 1, 1), -math.inf)
+                w, gamma, pi = edge_weights(scores, self.live, self.topology, cut)
             if offset is not None:
                 w = w + offset[e0:e0 + len(srcs)].view(*w.shape[:2], 1, 1, 1)
             if recorder is not None:
                 recorder(self, n, w.transpose(1, 2).unbind(0), gamma, pi)
             # weight of candidate j on edge e: w[e, j], times gamma[e] with the topology (§4-5)
             weights = w[:, self.live] if gamma is None else w[:, self.live] * gamma.unsqueeze(1)  # E L B' gh gw
+            if cut is not None:   # a removed edge adds nothing to its node (with the topology: gamma is 0 already)
+                weights = weights.masked_fill(cut.view(-1, 1, 1, 1, 1), 0.0)
             node = mix_node(maps, weights.flatten(0, 1).transpose(0, 1))
             if aux_beta is not None:   # a reduction cell's edges from its inputs have stride 2: no identity there
                 node = node + aux_beta * sum(states[i] for op, i in zip(edges, srcs) if op.stride == 1)
@@ -670,6 +681,7 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(C_p, num_classes)
         self.feature_channels, self.feature_stride = C_p, 4  # the last map is 1/4 of the input: two reductions
         self.mix_offset = None  # {cell type: E x J}, set only while mean-shift sampling runs
+        self.removed = None     # {cell type: (E x J, E) booleans}, set only while perturbation selection runs
         # DARTS- (Chu et al. 2021; search.py --aux-skip): every node also gets aux_beta times each of its stride-1
         # inputs, outside the searched mixture, so that a skip candidate is no longer the supernet's only gradient
         # highway; search.py decays aux_beta to 0 over the search. A buffer: torch.compile reads a new value without
@@ -704,8 +716,9 @@ class SearchNetwork(nn.Module):
                 cell_type = self.cell_type(cell)
                 alpha = self.alphas[cell_type] if self.alphas is not None else None
                 offset = self.mix_offset[cell_type] if self.mix_offset is not None else None
+                removed = self.removed[cell_type] if self.removed is not None else None
                 s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset, detach_mixing,
-                                  self.aux_beta if self.aux_skip else None)
+                                  self.aux_beta if self.aux_skip else None, removed)
             else:
                 s0, s1 = s1, cell(s1)
         fmap = self.lastact(s1)

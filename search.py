@@ -16,13 +16,14 @@ import dataclasses
 import json
 import math
 import os
+import time
 
 import torch
 import torch.nn.functional as F
 
 from analyze import MIDAS_ONLY, SETTING_OFF, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
-from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space
+from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space, node_inputs, node_pairs
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
                    load_checkpoint, restoring, rng_states, run_cli, save_checkpoint, seed_everything,
@@ -136,6 +137,15 @@ def get_args(argv=None):
     p.add_argument('--decode-none', default='exclude', choices=['exclude', 'include'],
                    help="NB201 decoding: may 'none' win an edge? (METHOD.md §8 includes it; see README; "
                         "default %(default)s)")
+    p.add_argument('--select', default='weights', choices=['weights', 'perturb'],
+                   help="how the final cell is chosen: 'weights', METHOD.md §8 (the largest averaged weights); "
+                        "'perturb', the candidates, and in DARTS-style spaces the pairs of edges, whose removal "
+                        "raises the supernet's search-val loss the most (DARTS-PT, one shot; a deviation). Only the "
+                        "end of a search changes: a finished run resumed with another --select chooses again "
+                        "(default %(default)s)")
+    p.add_argument('--select-samples', type=int, default=2048,
+                   help='the first N images of the search-val split measure --select perturb (0 = all; '
+                        'default %(default)s)')
     p.add_argument('--redecode', default=None, metavar='RUN',
                    help="decode RUN/weights.json again (with --decode-none, --nb201-table) and rewrite RUN/genotype.json")
     p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
@@ -148,7 +158,8 @@ def get_args(argv=None):
     p.add_argument('--resume', default=None, metavar='RUN',
                    help="continue the run in folder RUN with the flags it was started with (from RUN/args.json); "
                         "a flag given now must agree with them, except --data, --download, --device, --amp, "
-                        "--compile, --report-freq and --nb201-table (another machine, another path)")
+                        "--compile, --report-freq, --nb201-table (another machine, another path), --select and "
+                        "--select-samples (the choice at the end)")
     args = p.parse_args(argv)
     if args.resume:
         resumed_flags(args, p, argv)
@@ -186,7 +197,7 @@ def check_args(args):
         if not 0 < getattr(args, name) < math.inf:   # NaN fails this too
             raise RunError(f"--{name.replace('_', '-')} must be positive and finite")
     for name in ('lr_min', 'weight_decay', 'arch_weight_decay', 'grad_clip', 'subset', 'arch_warmup', 'decode_samples',
-                 'epoch_decode_samples'):
+                 'epoch_decode_samples', 'select_samples'):
         if not 0 <= getattr(args, name) < math.inf:
             raise RunError(f"--{name.replace('_', '-')} must be a finite number, not negative")
     if not 0 <= args.momentum < 1:
@@ -427,13 +438,88 @@ def decode_weights(result, args):
     return genotype, {'weights': result, 'margins': margins}
 
 
-def write_result(save, genotype, record, space, score):
+@torch.no_grad()
+def removal_costs(model, batches):
+    """Perturbation-based selection (DARTS-PT: Wang et al., ICLR 2021), one shot, without fine-tuning: how much the
+    supernet's mean loss on `batches` rises when a live candidate is taken out of its edge (its score -inf, so its
+    edge's softmax renormalises over the rest) in every cell of its type, and, at a DARTS-style node of more than
+    two inputs, when a whole edge is. -> {cell type: {'weights': [[cost per candidate, None for 'none'] per edge],
+    'pairs': [[cost of the two edges per pair of node_pairs] per node] or None}, 'base_loss': loss with nothing
+    removed, 'removals': how many were measured}: average_weights' layout, so that §8's rules pick the candidates,
+    and pairs, that cost most to remove."""
+    batches = list(batches)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    space = model.space
+
+    def loss():
+        total = sum(F.cross_entropy(model(x).float(), y, reduction='sum') for x, y in batches)
+        return total.item() / sum(len(y) for _, y in batches)
+
+    types = ('normal', 'reduce') if model.kind == 'darts' else ('normal',)
+    model.removed = {t: (torch.zeros(len(space[t]), len(space[t][0]), dtype=torch.bool, device=device),
+                         torch.zeros(len(space[t]), dtype=torch.bool, device=device)) for t in types}
+    try:
+        base = loss()
+        out = {'base_loss': base, 'removals': 0}
+
+        def cost(table):   # the loss with table's marked entry removed, less the base; then unmark it
+            c = loss() - base
+            table.zero_()
+            out['removals'] += 1
+            return c
+
+        for t in types:
+            ops, edges = model.removed[t]
+            weights = []
+            for e, candidates in enumerate(space[t]):
+                row = []
+                for j, op in enumerate(candidates):
+                    if op == 'none':
+                        row.append(None)
+                        continue
+                    ops[e, j] = True
+                    row.append(cost(ops))
+                weights.append(row)
+            pairs = None
+            if model.kind == 'darts':
+                pairs, e0 = [], 0
+                for _, inputs in node_inputs('darts'):
+                    if len(inputs) == 2:   # one pair: nothing to choose, and no edge may go
+                        pairs.append([0.0])
+                    else:
+                        edge_cost = []
+                        for e in range(e0, e0 + len(inputs)):
+                            edges[e] = True
+                            edge_cost.append(cost(edges))
+                        pairs.append([edge_cost[i] + edge_cost[k] for i, k in node_pairs(len(inputs))])
+                    e0 += len(inputs)
+            out[t] = {'weights': weights, 'pairs': pairs}
+    finally:
+        model.removed = None
+        model.train(was_training)
+    return out
+
+
+def decode_costs(costs, args):
+    """The genotype of --select perturb from removal_costs' result: per edge the candidate that costs most to
+    remove ('none' never), per DARTS-style node the pair of edges that does. -> (genotype, margins)."""
+    if get_space(args.space)['kind'] == 'nb201':
+        arch, margins = decode_nb201(costs['normal']['weights'], include_none=False)
+        return arch, {'normal': margins}
+    return decode_darts(args.space, {t: costs[t]['weights'] for t in ('normal', 'reduce')},
+                        {t: costs[t]['pairs'] for t in ('normal', 'reduce')})
+
+
+def write_result(save, genotype, record, space, score, select='weights'):
     """A finished search's outputs: weights.json (what it was decoded from), genotype.json (with the NB201
-    score when there is one) and the cell diagrams."""
+    score when there is one, and the rule that chose it) and the cell diagrams."""
     write_json(os.path.join(save, 'weights.json'), record)
     result = genotype_to_json(genotype, space)
     if score:
         result['nb201'] = score
+    result['select'] = select
     write_json(os.path.join(save, 'genotype.json'), result)
     write_diagrams(genotype, save)
 
@@ -459,6 +545,8 @@ def redecode(args):
         table_path = None
     table = load_nb201_table(table_path, settings['dataset']) if table_path else None
     score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
+    if 'removal_costs' in record:   # a measurement of the supernet, still true; the cell it chose is replaced
+        new['removal_costs'] = record['removal_costs']
     write_result(run, genotype, new, settings['space'], score)
     print(f"{run}: {genotype}" + (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''))
     return genotype
@@ -468,7 +556,12 @@ def decode_batches(loader, n_images, method):
     """Un-augmented batches of the first n_images (0 = all) of the search-train split: the same images at every
     call, so every epoch's decode reads the same ones and a resumed run decodes what an uninterrupted one does.
     A static table needs one batch: its weights do not depend on the input."""
-    n = loader.batch_size if method == 'darts' else (n_images or loader.n)
+    return first_images(loader, loader.batch_size if method == 'darts' else n_images)
+
+
+def first_images(loader, n_images):
+    """The batches of an unshuffled loader's first n_images (0 = all), from its start whatever was read before."""
+    n = n_images or loader.n
     loader.rewind()
     seen = 0
     for x, y in loader:
@@ -526,6 +619,8 @@ def main(argv=None):
     train_q = GPULoader(x[train_idx], y[train_idx], args.batch_size, seed=args.seed, **loader_kw)
     val_q = GPULoader(x[val_idx], y[val_idx], args.batch_size, seed=args.seed + 1, **loader_kw)
     decode_q = GPULoader(x[train_idx], y[train_idx], 256, shuffle=False, drop_last=False, augment=False,
+                         seed=0, **loader_kw)
+    select_q = GPULoader(x[val_idx], y[val_idx], 256, shuffle=False, drop_last=False, augment=False,
                          seed=0, **loader_kw)
     if world > 1:
         train_q.shard(rank, world)
@@ -646,8 +741,19 @@ def main(argv=None):
 
     genotype, record = decode(model, decode_batches(decode_q, args.decode_samples, args.method), args)
     score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
+    if args.select == 'perturb':
+        log(f'by the weights (§8): {genotype}' + (f" NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test "
+                                                  f"{score['test']:.2f}" if score else ''))
+        started = time.perf_counter()
+        costs = removal_costs(model, first_images(select_q, args.select_samples))
+        log(f"perturbation selection: {costs['removals']} removals measured on "
+            f'{min(args.select_samples or select_q.n, select_q.n)} search-val images in {time.perf_counter() - started:.0f} s')
+        by_weights = {'genotype': genotype_to_json(genotype, args.space), 'margins': record['margins'], 'nb201': score}
+        genotype, margins = decode_costs(costs, args)
+        score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
+        record.update(margins=margins, removal_costs=costs, by_weights=by_weights)
     if rank == 0:
-        write_result(args.save, genotype, record, args.space, score)
+        write_result(args.save, genotype, record, args.space, score, args.select)
     if os.environ.get('MIDAS_RANK_STATES'):  # every rank's final supernet, for the tests to compare across ranks
         save_checkpoint(os.path.join(args.save, f'rank{rank}-state.pt'),
                         {'model': model.state_dict(), 'genotype': genotype_to_json(genotype, args.space)})

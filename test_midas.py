@@ -603,6 +603,87 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
         assert json.load(f)['nb201'] == {'valid': k % 97, 'test': k % 89}
 
 
+@pytest.mark.parametrize('method', ['midas', 'darts'])
+def test_removing_an_edge_or_a_candidate_is_what_its_weights_at_zero_would_give(method):
+    """Perturbation selection's removals: a cut edge adds exactly nothing to its node (what 'none' winning all of
+    the edge's weight gives), under the topology (MIDAS) and without it (DARTS); a removed candidate gets weight 0
+    and its edge's softmax renormalises over the rest."""
+    torch.manual_seed(0)
+    net = SearchNetwork('darts', 4, 10, 3, cfg=ArchConfig(method=method, topology=method == 'midas')).eval()
+    x = torch.randn(2, 3, 32, 32)
+    e, j = 7, G.PRIMITIVES.index('sep_conv_3x3')   # edge 7: node 4 <- state 2 (a node of four inputs)
+    none = G.PRIMITIVES.index('none')
+    removed = lambda: {t: (torch.zeros(14, 8, dtype=torch.bool), torch.zeros(14, dtype=torch.bool))
+                       for t in ('normal', 'reduce')}
+    net.removed = removed()
+    net.removed['normal'][1][e] = True
+    rec = Recorder()
+    with torch.no_grad():
+        cut = net(x, recorder=rec)
+    normal = [c for c in rec.calls if not c[0].reduction and c[1] == 2]   # node 4 of each normal cell
+    if method == 'midas':   # every pair holding the edge is out of the pair softmax: its gamma is 0, the rest sum to 2
+        held = [p for p, pair in enumerate(G.node_pairs(4)) if 2 in pair]
+        assert all(torch.all(gamma[2] == 0) and torch.allclose(gamma.sum(0), torch.full_like(gamma[0], 2.0))
+                   and torch.all(pi[held] == 0) for _, _, _, gamma, pi in normal)
+    net.removed = None
+    with torch.no_grad():
+        if method == 'darts':
+            net.alphas['normal'][e] = 0.0
+            net.alphas['normal'][e, none] = 1e4   # softmax: weight exactly 1 on 'none', 0 on the live candidates
+            assert torch.allclose(net(x), cut, atol=1e-6)
+        else:
+            assert not torch.allclose(net(x), cut, atol=1e-4)   # the cut changed the output
+    net.removed = removed()
+    net.removed['normal'][0][e, j] = True
+    rec = Recorder()
+    with torch.no_grad():
+        net(x, recorder=rec)
+    for cell, n, w, _, _ in rec.calls:
+        if not cell.reduction and n == 2:
+            assert torch.all(w[2][:, j] == 0) and torch.allclose(w[2].sum(1), torch.ones_like(w[2][:, 0]))
+            assert torch.all(w[1][:, j] > 0)   # another edge of the same node keeps it
+
+
+@pytest.mark.parametrize('space', ['nb201', 'darts'])
+def test_select_perturb_picks_what_costs_most_to_remove_and_a_finished_run_chooses_again(cifar, tmp_path, space):
+    save = str(tmp_path / 'run')
+    torch.manual_seed(0)
+    by_weights = search.main(['--data', cifar, '--save', save, '--space', space, *TINY])
+    ckpt = os.path.join(save, 'checkpoint.pt')
+    before = os.stat(ckpt).st_mtime_ns
+    chosen = search.main(['--resume', save, '--select', 'perturb', '--select-samples', '24'])
+    assert os.stat(ckpt).st_mtime_ns == before   # a finished run is not searched again: only the choice is made
+    with open(os.path.join(save, 'genotype.json')) as f:
+        out = json.load(f)
+    assert out['select'] == 'perturb' and G.genotype_from_json(out)[0] == chosen
+    G.validate_genotype(chosen, space)
+    with open(os.path.join(save, 'weights.json')) as f:
+        record = json.load(f)
+    costs = record['removal_costs']
+    assert G.genotype_from_json(record['by_weights']['genotype'])[0] == by_weights
+    for t in (('normal',) if space == 'nb201' else ('normal', 'reduce')):
+        ops_per_edge = G.get_space(space)[t]
+        table = costs[t]['weights']
+        assert all((c is None) == (op == 'none') for ops, row in zip(ops_per_edge, table) for op, c in zip(ops, row))
+        best = [max((c, -k, op) for k, (op, c) in enumerate(zip(ops, row)) if op != 'none')[2]
+                for ops, row in zip(ops_per_edge, table)]
+        if space == 'nb201':
+            assert G.nb201_parse(chosen) == best
+        else:
+            cell, e0 = getattr(chosen, t), 0
+            for k, (_, inputs) in enumerate(G.node_inputs('darts')):
+                pairs = G.node_pairs(len(inputs))
+                kept = pairs[max(range(len(pairs)), key=lambda p: costs[t]['pairs'][k][p])]
+                assert [i for _, i in cell[2 * k:2 * k + 2]] == sorted(kept)
+                assert [op for op, _ in cell[2 * k:2 * k + 2]] == [best[e0 + i] for i in sorted(kept)]
+                e0 += len(inputs)
+    # the costs were measured: removing something changes the loss (a cost of exactly 0 everywhere would mean not)
+    types = [t for t in ('normal', 'reduce') if t in costs]
+    assert any(c for t in types for row in costs[t]['weights'] for c in row if c is not None)
+    edges = 0 if space == 'nb201' else 2 * (3 + 4 + 5)   # DARTS: the edges of the nodes of 3, 4 and 5 inputs
+    assert costs['removals'] == sum(c is not None for t in types for row in costs[t]['weights'] for c in row) + edges
+
+
 def _arch_state(save):
     state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)['model']
     return {k: v for k, v in state.items() if 'attention' in k or 'alphas' in k}
@@ -709,6 +790,8 @@ def _one_line_error(r, *words):
     (['--momentum', '1'], ['--momentum must be in [0, 1)']),
     (['--mim', 'nan'], ['--mim needs']),
     (['--decode-samples', '-5'], ['--decode-samples']),
+    (['--select-samples', '-5'], ['--select-samples']),
+    (['--select', 'best'], ['--select', 'perturb']),
     (['--subset', '-100'], ['--subset must be']),
     (['--subset', '100000'], ['--subset 100000:', 'training images']),
     (['--device', 'meta'], ["device 'meta' is not supported"]),
@@ -1537,7 +1620,7 @@ def test_nb201_results_table(tmp_path):
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
                                                ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0),
                                                ('midas', 50.0, 55.0), ('midas', 40.0, 45.0), ('midas', 30.0, 35.0),
-                                               ('darts', 88.0, 91.0), ('midas', 20.0, 25.0)]):
+                                               ('darts', 88.0, 91.0), ('midas', 20.0, 25.0), ('midas', 92.0, 95.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
@@ -1555,7 +1638,11 @@ def test_nb201_results_table(tmp_path):
         (run / 'args.json').write_text(json.dumps(args))
         (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
                                                       {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
-        (run / 'genotype.json').write_text(json.dumps({'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test}}))
+        # run 11 is run 0's search chosen again with --select perturb (resumed: its args.json is run 0's)
+        result = {'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test}, **({'select': 'perturb'} if k == 11 else {})}
+        if k == 11:
+            (run / 'args.json').write_text((tmp_path / 'r0' / 'args.json').read_text())
+        (run / 'genotype.json').write_text(json.dumps(result))
         runs.append(str(run))
     text = analyze.nb201_results(runs)
     budget = '2 ep, 8 ch, 1 cell/stage, 10k img'
@@ -1568,6 +1655,7 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 arch-warmup 5 | {budget} | 7 | 40.00 | 45.00 | 44.00 → 45.00 |' in text
     assert f'| midas patch 4 detach-mixing | {budget} | 8 | 30.00 | 35.00 | 34.00 → 35.00 |' in text
     assert f'| midas patch 4 token-wise LN | {budget} | 10 | 20.00 | 25.00 | 24.00 → 25.00 |' in text
+    assert f'| midas patch 4 select perturb | {budget} | 0 | 92.00 | 95.00 | 94.00 → 95.00 |' in text
     assert search.get_args([]).detach_mixing is False   # what the name leaves unsaid
 
 
