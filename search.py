@@ -527,6 +527,9 @@ def write_result(save, genotype, record, space, score, select='weights'):
 def redecode(args):
     """Decode a finished run's averaged weights again, e.g. with another --decode-none, without rerunning."""
     run = args.redecode
+    if args.select != 'weights':   # removal needs the supernet and the data, not weights.json
+        raise RunError(f"--redecode reads the averaged weights (§8); to choose by removal, run: "
+                       f"python search.py --resume {run} --select {args.select}")
     try:
         with open(os.path.join(run, 'args.json')) as f:
             settings = json.load(f)

@@ -506,6 +506,7 @@ def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
         assert arch == G.decode_nb201(w, include_none=rule == 'include')[0]
         with open(os.path.join(save, 'genotype.json')) as f:
             assert json.load(f)['arch'] == arch
+    _one_line_error(run_script('search.py', '--redecode', save, '--select', 'perturb'), f'--resume {save} --select perturb')
 
 
 @pytest.mark.parametrize('space', ['darts', 's1', 's2', 's3', 's4'])
