@@ -445,9 +445,10 @@ def removal_costs(model, batches):
     edge's softmax renormalises over the rest) in every cell of its type, and, at a DARTS-style node of more than
     two inputs, when a whole edge is. -> {cell type: {'weights': [[cost per candidate, None for 'none'] per edge],
     'pairs': [[cost of the two edges per pair of node_pairs] per node] or None}, 'base_loss': loss with nothing
-    removed, 'removals': how many were measured}: average_weights' layout, so that §8's rules pick the candidates,
+    removed, 'removals': how many were measured, 'images': on how many}: average_weights' layout, so that §8's rules pick the candidates,
     and pairs, that cost most to remove."""
     batches = list(batches)
+    images = sum(len(y) for _, y in batches)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -455,14 +456,14 @@ def removal_costs(model, batches):
 
     def loss():
         total = sum(F.cross_entropy(model(x).float(), y, reduction='sum') for x, y in batches)
-        return total.item() / sum(len(y) for _, y in batches)
+        return total.item() / images
 
     types = ('normal', 'reduce') if model.kind == 'darts' else ('normal',)
     model.removed = {t: (torch.zeros(len(space[t]), len(space[t][0]), dtype=torch.bool, device=device),
                          torch.zeros(len(space[t]), dtype=torch.bool, device=device)) for t in types}
     try:
         base = loss()
-        out = {'base_loss': base, 'removals': 0}
+        out = {'base_loss': base, 'removals': 0, 'images': images}
 
         def cost(table):   # the loss with table's marked entry removed, less the base; then unmark it
             c = loss() - base
@@ -503,13 +504,11 @@ def removal_costs(model, batches):
 
 
 def decode_costs(costs, args):
-    """The genotype of --select perturb from removal_costs' result: per edge the candidate that costs most to
-    remove ('none' never), per DARTS-style node the pair of edges that does. -> (genotype, margins)."""
-    if get_space(args.space)['kind'] == 'nb201':
-        arch, margins = decode_nb201(costs['normal']['weights'], include_none=False)
-        return arch, {'normal': margins}
-    return decode_darts(args.space, {t: costs[t]['weights'] for t in ('normal', 'reduce')},
-                        {t: costs[t]['pairs'] for t in ('normal', 'reduce')})
+    """The genotype of --select perturb from removal_costs' result, by §8's rules read with the costs as weights:
+    per edge the candidate that costs most to remove ('none' never: it has no cost), per DARTS-style node the pair
+    of edges that does (the topology rule, whatever --topology). -> (genotype, margins)."""
+    genotype, record = decode_weights(costs, argparse.Namespace(space=args.space, decode_none='exclude', topology=True))
+    return genotype, record['margins']
 
 
 def write_result(save, genotype, record, space, score, select='weights'):
@@ -624,7 +623,7 @@ def main(argv=None):
     decode_q = GPULoader(x[train_idx], y[train_idx], 256, shuffle=False, drop_last=False, augment=False,
                          seed=0, **loader_kw)
     select_q = GPULoader(x[val_idx], y[val_idx], 256, shuffle=False, drop_last=False, augment=False,
-                         seed=0, **loader_kw)
+                         seed=0, **loader_kw) if args.select == 'perturb' else None   # a device copy: only when used
     if world > 1:
         train_q.shard(rank, world)
         val_q.shard(rank, world)
@@ -749,8 +748,8 @@ def main(argv=None):
                                                   f"{score['test']:.2f}" if score else ''))
         started = time.perf_counter()
         costs = removal_costs(model, first_images(select_q, args.select_samples))
-        log(f"perturbation selection: {costs['removals']} removals measured on "
-            f'{min(args.select_samples or select_q.n, select_q.n)} search-val images in {time.perf_counter() - started:.0f} s')
+        log(f"perturbation selection: {costs['removals']} removals measured on {costs['images']} search-val images "
+            f'in {time.perf_counter() - started:.0f} s')
         by_weights = {'genotype': genotype_to_json(genotype, args.space), 'margins': record['margins'], 'nb201': score}
         genotype, margins = decode_costs(costs, args)
         score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
