@@ -255,6 +255,34 @@ def use_channels_last(device):
     return device.type in ('cuda', 'cpu')
 
 
+def dilated_bf16_grads_ok():
+    """Whether this PyTorch's CPU kernel gets the weight gradient of a bfloat16 dilated depthwise convolution
+    (DARTS's dil_conv_3x3 and dil_conv_5x5) right on channels-last 32x32 maps, as a search on the CPU runs it.
+    torch 2.13.0's does not: 100 % off or NaN, from one call to the next (float32, and NCHW maps, are right)."""
+    g = torch.Generator().manual_seed(0)
+    x, grad = (torch.randn(1, 8, 32, 32, generator=g).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    w = torch.randn(8, 1, 3, 3, generator=g)
+    found = []
+    for dtype in (torch.float32, torch.bfloat16):
+        xd, wd = (t.to(dtype, copy=True).requires_grad_() for t in (x, w))
+        out = F.conv2d(xd, wd, padding=2, dilation=2, groups=8)
+        found.append(torch.autograd.grad(out, (xd, wd), grad.to(dtype))[1].float())   # both, as in a search step
+    exact, half = found
+    return bool(torch.isfinite(half).all()) and (half - exact).abs().max().item() <= 0.05 * exact.abs().max().item()
+
+
+def check_amp(args, device):
+    """--amp bf16 on the CPU in a space with dilated convolutions: refused where the CPU kernel is wrong (a search
+    would learn from garbage gradients, or stop on a NaN loss a few steps in)."""
+    space = get_space(args.space)
+    dilated = any(op.startswith('dil_conv') for cell in ('normal', 'reduce') for edge in space.get(cell, ())
+                  for op in edge)
+    if (args.amp == 'bf16' and device.type == 'cpu' and dilated and use_channels_last(device)
+            and not dilated_bf16_grads_ok()):
+        raise RunError(f"--amp bf16 on the CPU: PyTorch {torch.__version__} computes wrong bfloat16 weight gradients "
+                       f"for the dilated convolutions of --space {args.space} (dil_conv_*); use --amp off")
+
+
 def build_search(args, cfg, num_classes, device, channels_last=None):
     """The supernet (and the MIM decoder with --mim), its optimisers, the forward to call (compiled with
     --compile) and the autocast context, as a search step needs them (bench.py times the same).
@@ -587,6 +615,7 @@ def main(argv=None):
         return redecode(args)
     cfg = check_args(args)
     rank, world, device = setup_distributed(args.device)
+    check_amp(args, device)
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     resume_state = None
     if args.resume:

@@ -802,6 +802,45 @@ def test_bad_flags(cifar, tmp_path, flags, words):
     assert not os.path.exists(tmp_path / 'r')
 
 
+def test_bf16_probe_agrees_with_the_dil_conv_op():
+    """search.py refuses --amp bf16 on the CPU where dilated_bf16_grads_ok() finds the kernel wrong (torch 2.13.0's
+    is): the probe must say so exactly when DARTS's own dil_conv ops, run as a search runs them (channels-last
+    maps, CPU autocast), get another weight gradient than in float32."""
+    from ops import OPS
+    torch.manual_seed(0)
+    agree = []
+    for name in ('dil_conv_3x3', 'dil_conv_5x5'):
+        op = OPS[name](8, 1, False).to(memory_format=torch.channels_last)
+        x = torch.randn(4, 8, 32, 32).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(4, 8, 32, 32)
+        found = []
+        for bf16 in (False, True):
+            op.zero_grad()
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                out = op(x.clone().requires_grad_())
+            (out.float() * g).sum().backward()
+            found.append(op[1].weight.grad.clone())   # the dilated depthwise convolution's
+        exact, half = found
+        agree.append(bool(torch.isfinite(half).all()) and (half - exact).abs().max() <= 0.05 * exact.abs().max())
+    assert agree[0] == agree[1] == search.dilated_bf16_grads_ok()
+
+
+def test_bf16_on_the_cpu_refused_only_for_dilated_convolutions(cifar, tmp_path, monkeypatch):
+    """With a CPU kernel that gets them wrong, --amp bf16 in a space with dil_conv gives one error line and writes
+    nothing; a space without them searches in bf16 to the end (the autocast path a GPU takes by default)."""
+    monkeypatch.setattr(search, 'dilated_bf16_grads_ok', lambda: False)
+    for space in ('darts', 's1'):
+        with pytest.raises(search.RunError, match='--amp off'):
+            search.main(['--data', cifar, '--save', str(tmp_path / space), *TINY, '--space', space, '--amp', 'bf16'])
+        assert not os.path.exists(tmp_path / space)
+    save = str(tmp_path / 'nb201')
+    search.main(['--data', cifar, '--save', save, *TINY, '--space', 'nb201', '--amp', 'bf16'])
+    with open(os.path.join(save, 'genotype.json')) as f:
+        assert len(G.nb201_parse(json.load(f)['arch'])) == 6
+    with open(os.path.join(save, 'args.json')) as f:
+        assert json.load(f)['amp'] == 'bf16'
+
+
 def test_missing_and_corrupt_data(cifar, tmp_path):
     r = run_script('search.py', '--data', str(tmp_path / 'nowhere'), '--save', str(tmp_path / 'r'), *TINY)
     _one_line_error(r, 'cifar-10-batches-py')
