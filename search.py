@@ -274,10 +274,10 @@ def dilated_bf16_grads_ok():
 def check_amp(args, device):
     """--amp bf16 on the CPU in a space with dilated convolutions: refused where the CPU kernel is wrong (a search
     would learn from garbage gradients, or stop on a NaN loss a few steps in)."""
+    if args.amp != 'bf16' or device.type != 'cpu' or not use_channels_last(device):
+        return
     space = get_space(args.space)
-    dilated = any(op.startswith('dil_conv') for cell in ('normal', 'reduce') for edge in space.get(cell, ())
-                  for op in edge)
-    if (args.amp == 'bf16' and device.type == 'cpu' and dilated and use_channels_last(device)
+    if (any(op.startswith('dil_conv') for cell in ('normal', 'reduce') for edge in space.get(cell, ()) for op in edge)
             and not dilated_bf16_grads_ok()):
         raise RunError(f"--amp bf16 on the CPU: PyTorch {torch.__version__} computes wrong bfloat16 weight gradients "
                        f"for the dilated convolutions of --space {args.space} (dil_conv_*); use --amp off")
@@ -775,10 +775,10 @@ def main(argv=None):
     if args.select == 'perturb':
         log(f'by the weights (§8): {genotype}' + (f" NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test "
                                                   f"{score['test']:.2f}" if score else ''))
-        started = time.perf_counter()
+        select_start = time.perf_counter()
         costs = removal_costs(model, first_images(select_q, args.select_samples))
         log(f"perturbation selection: {costs['removals']} removals measured on {costs['images']} search-val images "
-            f'in {time.perf_counter() - started:.0f} s')
+            f'in {time.perf_counter() - select_start:.0f} s')
         by_weights = {'genotype': genotype_to_json(genotype, args.space), 'margins': record['margins'], 'nb201': score}
         genotype, margins = decode_costs(costs, args)
         score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
