@@ -73,6 +73,12 @@ def get_space(name):
     return SPACES[name]
 
 
+def cell_types(kind):
+    """The cell types a space of this kind searches, each with its own edge lists (and DARTS's own alpha table):
+    normal and reduction cells in DARTS-style spaces, NAS-Bench-201's one cell."""
+    return ('normal', 'reduce') if kind == 'darts' else ('normal',)
+
+
 def node_inputs(kind):
     """[(node, [input states]), ...] in edge order: DARTS node k takes states 0..k+1 (two cell inputs
     first); NB201 node k (1-based) takes states 0..k-1."""

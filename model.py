@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genotypes import get_space, nb201_parse, node_inputs, node_pairs
+from genotypes import cell_types, get_space, nb201_parse, node_inputs, node_pairs
 from ops import OPS, FactorizedReduce, Identity, ReLUConvBN
 
 
@@ -463,7 +463,9 @@ def edge_weights(scores, live, topology, cut=None):
         logits = logits.masked_fill(cut.view(-1, 1, 1, 1), -math.inf)
     first, second, membership = _pair_tables(scores.shape[0], logits.device, logits.dtype)
     pi = (logits.index_select(0, first) + logits.index_select(0, second)).softmax(0)           # P B gh gw
-    gamma = torch.einsum('ep,pbxy->ebxy', membership, pi)
+    # a product and a sum, not einsum: autocast would run einsum's matmul in bf16, and gamma, which sums to 2,
+    # would lose its third digit (pi is float32: softmax autocasts up)
+    gamma = (membership.view(*membership.shape, 1, 1, 1) * pi).sum(1)                         # E B gh gw
     return w, gamma, pi
 
 
@@ -700,7 +702,7 @@ class SearchNetwork(nn.Module):
         if cfg.method == 'darts':  # one table per cell type, shared by all cells of that type (§6)
             self.alphas = nn.ParameterDict({
                 t: nn.Parameter(1e-3 * torch.randn(len(self.space[t]), len(self.space[t][0])))
-                for t in (('normal', 'reduce') if self.kind == 'darts' else ('normal',))})
+                for t in cell_types(self.kind)})
         else:
             self.alphas = None
 

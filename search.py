@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from analyze import MIDAS_ONLY, SETTING_OFF, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
-from genotypes import decode_darts, decode_nb201, genotype_to_json, get_space, node_inputs, node_pairs
+from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, get_space, node_inputs, node_pairs
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
                    load_checkpoint, restoring, rng_states, run_cli, save_checkpoint, seed_everything,
@@ -277,7 +277,7 @@ def check_amp(args, device):
     if args.amp != 'bf16' or device.type != 'cpu' or not use_channels_last(device):
         return
     space = get_space(args.space)
-    if (any(op.startswith('dil_conv') for cell in ('normal', 'reduce') for edge in space.get(cell, ()) for op in edge)
+    if (any(op.startswith('dil_conv') for cell in cell_types(space['kind']) for edge in space[cell] for op in edge)
             and not dilated_bf16_grads_ok()):
         raise RunError(f"--amp bf16 on the CPU: PyTorch {torch.__version__} computes wrong bfloat16 weight gradients "
                        f"for the dilated convolutions of --space {args.space} (dil_conv_*); use --amp off")
@@ -377,7 +377,7 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None):
     patches). T rounds: N points drawn within +-eps of the current point, each weighted by the softmax
     of its training loss times a Gaussian kernel of its squared distance; move to the weighted mean.
     generator: where the points are drawn from, the same on every rank (all ranks must move to one point)."""
-    types = ('normal', 'reduce') if model.kind == 'darts' else ('normal',)
+    types = cell_types(model.kind)
     centre = {t: torch.zeros(len(model.space[t]), len(model.space[t][0]), device=x.device) for t in types}
     with torch.no_grad():
         for _ in range(args.ms_iters):
@@ -486,7 +486,7 @@ def removal_costs(model, batches):
         total = sum(F.cross_entropy(model(x).float(), y, reduction='sum') for x, y in batches)
         return total.item() / images
 
-    types = ('normal', 'reduce') if model.kind == 'darts' else ('normal',)
+    types = cell_types(model.kind)
     model.removed = {t: (torch.zeros(len(space[t]), len(space[t][0]), dtype=torch.bool, device=device),
                          torch.zeros(len(space[t]), dtype=torch.bool, device=device)) for t in types}
     try:

@@ -110,6 +110,10 @@ def test_gamma_is_sum_of_pair_probabilities():
         torch.testing.assert_close(gamma[e], sum(raw[p] for p, pair in enumerate(pairs) if e in pair))
     _, g2, p2 = edge_weights(scores[:2], slice(1, 3), topology=True)
     torch.testing.assert_close(g2, torch.ones_like(g2))  # two inputs: one pair, both edges kept
+    with torch.autocast('cpu', dtype=torch.bfloat16):   # float32 scores stay float32 through the pair rule
+        _, g3, _ = edge_weights(scores, slice(1, 3), topology=True)
+    assert g3.dtype == torch.float32
+    torch.testing.assert_close(g3, gamma)
 
 
 def test_patch_zero_is_global_pooling():
