@@ -281,7 +281,7 @@ def load_genotype(spec):
         try:
             with open(spec) as f:
                 obj = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:   # ValueError: bad JSON, and bytes that are not UTF-8
             raise ValueError(f"cannot read genotype file '{spec}': {e}") from None
         g, space = genotype_from_json(obj)
     elif spec in PUBLISHED:

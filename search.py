@@ -153,7 +153,8 @@ def get_args(argv=None):
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N (default %(default)s)')
     p.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'off'],
                    help='autocast (auto: bf16 on a CUDA GPU that has it, else off; default %(default)s)')
-    p.add_argument('--compile', action='store_true', help='torch.compile the supernet')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                   help='torch.compile the supernet (default off; --no-compile turns a resumed run\'s off)')
     p.add_argument('--report-freq', type=int, default=50, help='log every N iterations (default %(default)s)')
     p.add_argument('--resume', default=None, metavar='RUN',
                    help="continue the run in folder RUN with the flags it was started with (from RUN/args.json); "
@@ -564,6 +565,8 @@ def redecode(args):
             record = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise RunError(f"cannot re-decode '{run}': it needs the args.json and weights.json of a finished search ({e})")
+    if not (isinstance(settings, dict) and isinstance(record, dict) and {'space', 'dataset'} <= settings.keys()):
+        raise RunError(f"cannot re-decode '{run}': its args.json and weights.json are not those of one finished search")
     settings['decode_none'] = args.decode_none
     try:
         genotype, new = decode_weights(record['weights'], argparse.Namespace(**settings))
@@ -619,11 +622,15 @@ def main(argv=None):
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     resume_state = None
     if args.resume:
+        if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
+            raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
         args.save = args.resume
         started = started_with(args.resume)
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
         older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}
-        resume_state = load_checkpoint(os.path.join(args.resume, 'checkpoint.pt'), config, keys, older)
+        checkpoint = os.path.join(args.resume, 'checkpoint.pt')
+        if os.path.exists(checkpoint) or not started:   # its args.json alone: stopped in its first epoch, start again
+            resume_state = load_checkpoint(checkpoint, config, keys, older)
     elif args.save is None:
         args.save = default_run_folder(f'search-{args.space}-{args.method}', world)
     elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
@@ -690,6 +697,8 @@ def main(argv=None):
             start_epoch, history = resume_state['epoch'], resume_state['history']
         log(f'resumed {args.save} at epoch {start_epoch}')
     else:
+        if args.resume:
+            log(f'{args.save} has no checkpoint (stopped in its first epoch): searching again from the start')
         if rank == 0:
             write_json(os.path.join(args.save, 'args.json'), vars(args))
         n_arch = sum(p.numel() for p in arch_params)

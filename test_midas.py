@@ -511,6 +511,14 @@ def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
         with open(os.path.join(save, 'genotype.json')) as f:
             assert json.load(f)['arch'] == arch
     _one_line_error(run_script('search.py', '--redecode', save, '--select', 'perturb'), f'--resume {save} --select perturb')
+    bad = tmp_path / 'bad'   # a hand-edited args.json: one line, not a TypeError or KeyError
+    bad.mkdir()
+    shutil.copy(os.path.join(save, 'weights.json'), bad / 'weights.json')
+    with open(os.path.join(save, 'args.json')) as f:
+        started = json.load(f)
+    for text in ('[1, 2]', json.dumps({k: v for k, v in started.items() if k != 'dataset'})):
+        (bad / 'args.json').write_text(text)
+        _one_line_error(run_script('search.py', '--redecode', str(bad)), 'cannot re-decode', 'not those of one')
 
 
 @pytest.mark.parametrize('space', ['darts', 's1', 's2', 's3', 's4'])
@@ -755,6 +763,19 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
             assert json.load(f1) == json.load(f2), name
     a, b = _arch_state(full), _arch_state(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if flags:
+        return
+    # killed in its first epoch (its args.json written, no checkpoint yet): --resume runs it again from the start
+    early = tmp_path / 'early'
+    early.mkdir()
+    shutil.copy(os.path.join(full, 'args.json'), early / 'args.json')
+    _one_line_error(run_script('search.py', '--resume', str(early), '--save', full), 'continues in its own folder')
+    r = run_script('search.py', '--resume', str(early))
+    assert r.returncode == 0, r.stderr
+    assert 'searching again from the start' in (early / 'log.txt').read_text()
+    for name in ('genotype.json', 'weights.json'):
+        with open(os.path.join(full, name)) as f1, open(early / name) as f2:
+            assert json.load(f1) == json.load(f2), name
 
 
 def test_decode_reads_the_first_n_images_every_time():
@@ -1310,6 +1331,20 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     r = _train_cli(capsys, '--resume', killed, '--lr', '0.1')
     _one_line_error(r, 'another configuration', 'lr')
     _one_line_error(_train_cli(capsys, '--eval', killed, '--subset', '-5'), '--subset must be')
+    _one_line_error(_train_cli(capsys, '--eval', killed, '--layers', '5'), 'leave out the network flags')
+    _one_line_error(_train_cli(capsys, '--resume', killed, '--save', full), 'continues in its own folder')
+    # killed in its first epoch (args.json and genotype.json written, no checkpoint yet): --resume trains it again
+    early = tmp_path / 'early'
+    early.mkdir()
+    for name in ('args.json', 'genotype.json'):
+        shutil.copy(os.path.join(full, name), early / name)
+    r = run_script('train.py', '--resume', str(early))
+    assert r.returncode == 0, r.stderr
+    with open(early / 'report.json') as f:
+        again = json.load(f)
+    again.pop('wall_time_s')
+    assert again == {k: v for k, v in reports[0].items() if k != 'history'}
+    assert 'training again from the start' in (early / 'log.txt').read_text()
 
 
 def test_train_resume_keeps_the_runs_own_runtime_flags_and_cutout_scales_with_the_image(tmp_path):
@@ -1351,6 +1386,14 @@ def test_resume_refuses_a_hand_edited_args_json_in_one_line(tmp_path, script):
     if script == 'train':
         train.resolve_args(args)
     assert (args.epochs, args.lr, args.amp) == (3, 1, 'off')
+    # --compile can be turned off for the rest of a run that was compiled (a machine where compiling fails)
+    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'compile': True}))
+    for given, compiled in (([], True), (['--no-compile'], False)):
+        argv = ['--resume', str(run), *given]
+        args = search.get_args(argv) if script == 'search' else train.get_args(argv)
+        if script == 'train':
+            train.resolve_args(args)
+        assert args.compile is compiled
 
 
 S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5],
@@ -1382,14 +1425,18 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'DARTS_V2', '--momentum', 'nan'], ['--momentum must be in [0, 1)']),
     (['--genotype', 'DARTS_V2', '--lr', 'inf'], ['--lr must be positive and finite']),
     (['--genotype', 'DARTS_V2', '--cutout', '40'], ['--cutout 40 is larger than the 32x32 images']),
+    (['--genotype', 'DARTS_V2', '--layers', '3', '--epochs', '1', '--subset', '100000'],
+     ['--subset 100000:', 'training images']),
+    (['--genotype', 'BYTES'], ['cannot read genotype file', 'bytes.json']),
 ])
 def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
     s2 = tmp_path / 'genotype.json'
     s2.write_text(json.dumps(S2_WITH_5X5))
     arch = tmp_path / 'arch.json'
     arch.write_text(json.dumps({'arch': 123}))
-    flags = [{'S2_JSON': str(s2), 'NOWHERE': str(tmp_path / 'nowhere'), 'ARCH_123': str(arch)}.get(f, f)
-             for f in flags]
+    (tmp_path / 'bytes.json').write_bytes(bytes([0x82, 0xff, 0x00, 0x10]))   # not UTF-8
+    flags = [{'S2_JSON': str(s2), 'NOWHERE': str(tmp_path / 'nowhere'), 'ARCH_123': str(arch),
+              'BYTES': str(tmp_path / 'bytes.json')}.get(f, f) for f in flags]
     save = tmp_path / 'run'
     _one_line_error(_train_cli(capsys, '--data', cifar, '--save', str(save), *TRAIN_TINY, *flags), *words)
     assert not save.exists()

@@ -163,18 +163,18 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, config, keys, older=None):
+def load_checkpoint(path, config, keys, older=None, fix='delete it to start afresh'):
     """Load a checkpoint and refuse one written by another configuration (the `keys` of config that
     change the model or the data must match). older: {key: the value a checkpoint written before that
-    key existed was run with}, so such a checkpoint still resumes."""
+    key existed was run with}, so such a checkpoint still resumes. fix: what the error tells the user to do."""
     if not os.path.isfile(path):
         raise RunError(f"no checkpoint at '{path}' to resume from")
     try:
         state = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
-        raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); delete it to start afresh") from None
+        raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); {fix}") from None
     if not isinstance(state, dict) or not isinstance(state.get('config', {}), dict):
-        raise RunError(f"'{path}' is not a checkpoint of this project; delete it to start afresh")
+        raise RunError(f"'{path}' is not a checkpoint of this project; {fix}")
     saved = {**(older or {}), **state.get('config', {})}
     for k in keys:
         if saved.get(k) != config.get(k):
@@ -218,15 +218,14 @@ def _fits(action, value):
 
 
 @contextlib.contextmanager
-def restoring(path):
+def restoring(path, fix='delete it to start afresh'):
     """A checkpoint that loads but does not fit the run (an entry missing, a tensor of another shape) -> one
     clear error instead of a traceback from deep inside load_state_dict."""
     try:
         yield
     except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as e:
         reason = (str(e).strip().splitlines() or [''])[0][:200]
-        raise RunError(f"checkpoint '{path}' does not fit this run ({type(e).__name__}: {reason}); "
-                       "delete it to start afresh") from None
+        raise RunError(f"checkpoint '{path}' does not fit this run ({type(e).__name__}: {reason}); {fix}") from None
 
 
 def format_eta(seconds):
@@ -329,7 +328,8 @@ def build_parser():
     p.add_argument('--amp', choices=['auto', 'bf16', 'fp16', 'off'],
                    help='autocast (auto, the default: bf16 on a CUDA GPU that has it, else off); fp16 adds a '
                         'gradient scaler')
-    p.add_argument('--compile', action='store_true', default=None, help='torch.compile the network')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile the network (default off; --no-compile turns a resumed run\'s off)')
     p.add_argument('--workers', type=int, help='ImageNet data-loading processes per GPU (default 8)')
     p.add_argument('--download', action=argparse.BooleanOptionalAction,
                    help='fetch CIFAR (or SVHN) when absent from --data (default on)')
@@ -356,6 +356,8 @@ def resolve_args(args):
             raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)")
         _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
         args.genotype = args.genotype or os.path.join(args.resume, 'genotype.json')
+        if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
+            raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
         args.save = args.resume
     if not args.genotype:
         raise RunError('--genotype is required: a genotype.json, a published name such as DARTS_V2, '
@@ -433,6 +435,8 @@ def make_queues(args, device, rank, world, train=True):
     train_q = None
     if train:
         x, y = load_dataset(args.dataset, args.data, train=True, download=args.download)
+        if args.subset > len(y):   # the run would be recorded under a size it never had
+            raise RunError(f'--subset {args.subset}: {args.dataset} has {len(y)} training images')
         if args.subset:
             x, y = x[:args.subset], y[:args.subset]
         # Flips for SVHN too, as RDARTS's SVHN pipeline does.
@@ -548,7 +552,9 @@ def amp_setup(name, device):
 def evaluate_checkpoint(args):
     """--eval: the test accuracy of a checkpoint, on its own dataset and network."""
     path = os.path.join(args.eval, 'checkpoint.pt') if os.path.isdir(args.eval) else args.eval
-    state = load_checkpoint(path, {}, [])
+    if not os.path.isfile(path):
+        raise RunError(f"--eval {args.eval}: no checkpoint there (give a train.py run folder or its checkpoint.pt)")
+    state = load_checkpoint(path, {}, [], fix='--eval takes the checkpoint.pt of a train.py run')
     config = state.get('config') or {}
     if 'genotype' not in config or 'model' not in state:
         raise RunError(f"'{path}' is not a train.py checkpoint")
@@ -567,7 +573,7 @@ def evaluate_checkpoint(args):
     rank, world, device = setup_distributed(args.device)
     _, test_q, limit = make_queues(args, device, rank, world, train=False)
     model = build_model(genotype, args.dataset, args.init_channels, args.layers, args.cells, args.auxiliary_weight > 0)
-    with restoring(path):
+    with restoring(path, fix='leave out the network flags: --eval reads them from the checkpoint'):
         model.load_state_dict(state['model'])
     model.to(device)
     if device.type == 'cuda':
@@ -593,8 +599,9 @@ def main(argv=None):
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     config['genotype'] = genotype_to_json(genotype, space)
     state = None
-    if args.resume:
-        state = load_checkpoint(os.path.join(args.save, 'checkpoint.pt'), config, CONFIG_KEYS)
+    if args.resume:   # without a checkpoint it was stopped in its first epoch, and starts again with its flags
+        if os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
+            state = load_checkpoint(os.path.join(args.save, 'checkpoint.pt'), config, CONFIG_KEYS)
     else:
         if args.save is None:
             args.save = default_run_folder(f'train-{args.dataset}', world)
@@ -641,6 +648,8 @@ def main(argv=None):
             set_rng_states(state['rng'], rank, device)
             start_epoch, history, wall = state['epoch'], state['history'], state['wall_time']
         log(f'resumed {args.save} at epoch {start_epoch}')
+    elif args.resume:
+        log(f'{args.save} has no checkpoint (stopped in its first epoch): training again from the start')
     aux = f'{n_with_aux:,} with the auxiliary head' if n_with_aux != n_params else 'no auxiliary head'
     log(f'{type(raw).__name__} {genotype} on {args.dataset}: {n_params:,} parameters ({aux}); '
         f'{len(train_q)} steps of {args.batch_size} per epoch, device {device} x {world}, amp {amp}, '
