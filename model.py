@@ -596,15 +596,18 @@ def standardised_tokens(tokens, states, token):
     mean, means and spreads over the state's per-channel batch std. The identity's and avg-pool's maps carry
     their input's scale, which grows with depth (a node sums its edges, a stage its cells), where a conv's BN
     resets it to 1; with edge-normalised keys (--edge-norm) the larger token takes the larger score. Both are
-    divided by the same state's std, so avg-pool keeps the smaller spread that tells it from skip."""
+    divided by the same state's std, so avg-pool keeps the smaller spread that tells it from skip. In eval mode too
+    the statistics are the batch's (no running estimates are kept): §8's decode reads batches of 256 images, and
+    running estimates would lag behind a supernet whose architecture is still moving."""
     c = tokens.shape[-1] // 2 if token == 'meanstd' else tokens.shape[-1]
     shift, scale, done = [], [], {}
     for t, state in zip(tokens, states):
         if state is None:
             shift.append(t.new_zeros(c)), scale.append(t.new_ones(c))
             continue
-        if id(state) not in done:   # mean and std per channel over batch and pixels, in float32
-            var, mean = torch.var_mean(state.float(), dim=(0, 2, 3), correction=0)
+        if id(state) not in done:   # mean and std per channel over batch and pixels, in float32 at least
+            var, mean = torch.var_mean(state.to(torch.promote_types(state.dtype, torch.float32)), dim=(0, 2, 3),
+                                       correction=0)
             done[id(state)] = mean, (var + 1e-5).sqrt()
         mean, std = done[id(state)]
         shift.append(mean), scale.append(std)
