@@ -26,7 +26,7 @@ from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, get_space, node_inputs, node_pairs
 from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
-                   load_checkpoint, restoring, rng_states, run_cli, save_checkpoint, seed_everything,
+                   load_checkpoint, restoring, resume_folder, rng_states, run_cli, save_checkpoint, seed_everything,
                    set_rng_states, setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
@@ -622,9 +622,7 @@ def main(argv=None):
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     resume_state = None
     if args.resume:
-        if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
-            raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
-        args.save = args.resume
+        args.save = resume_folder(args)
         started = started_with(args.resume)
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
         older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}

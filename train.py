@@ -183,6 +183,13 @@ def load_checkpoint(path, config, keys, older=None, fix='delete it to start afre
     return state
 
 
+def resume_folder(args):
+    """--resume RUN continues in RUN: -> RUN. A --save elsewhere is refused rather than ignored."""
+    if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
+        raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
+    return args.resume
+
+
 def started_with(run, parser=None):
     """The flags of run's args.json ({} when it has none that can be read). With parser, every flag the file holds
     must be a value that flag can take: a hand-edited or foreign args.json gives one clear error here, not a
@@ -356,9 +363,7 @@ def resolve_args(args):
             raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)")
         _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
         args.genotype = args.genotype or os.path.join(args.resume, 'genotype.json')
-        if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
-            raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
-        args.save = args.resume
+        args.save = resume_folder(args)
     if not args.genotype:
         raise RunError('--genotype is required: a genotype.json, a published name such as DARTS_V2, '
                        'a Genotype(...) literal or a NAS-Bench-201 arch string')
@@ -600,8 +605,9 @@ def main(argv=None):
     config['genotype'] = genotype_to_json(genotype, space)
     state = None
     if args.resume:   # without a checkpoint it was stopped in its first epoch, and starts again with its flags
-        if os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
-            state = load_checkpoint(os.path.join(args.save, 'checkpoint.pt'), config, CONFIG_KEYS)
+        checkpoint = os.path.join(args.save, 'checkpoint.pt')
+        if os.path.exists(checkpoint):
+            state = load_checkpoint(checkpoint, config, CONFIG_KEYS)
     else:
         if args.save is None:
             args.save = default_run_folder(f'train-{args.dataset}', world)
