@@ -623,15 +623,16 @@ def main(argv=None):
     resume_state = None
     if args.resume:
         args.save = resume_folder(args)
+    elif args.save is None:
+        args.save = default_run_folder(f'search-{args.space}-{args.method}', world)
+    checkpoint = os.path.join(args.save, 'checkpoint.pt')
+    if args.resume:
         started = started_with(args.resume)
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
         older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}
-        checkpoint = os.path.join(args.resume, 'checkpoint.pt')
         if os.path.exists(checkpoint) or not started:   # its args.json alone: stopped in its first epoch, start again
             resume_state = load_checkpoint(checkpoint, config, keys, older)
-    elif args.save is None:
-        args.save = default_run_folder(f'search-{args.space}-{args.method}', world)
-    elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
+    elif os.path.exists(checkpoint):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")
     table = load_nb201_table(args.nb201_table, args.dataset) if args.nb201_table else None
@@ -680,7 +681,7 @@ def main(argv=None):
 
     start_epoch, history = 0, []
     if resume_state is not None:
-        with restoring(os.path.join(args.resume, 'checkpoint.pt')):
+        with restoring(checkpoint):
             model.load_state_dict(resume_state['model'])
             if mim_decoder is not None:
                 mim_decoder.load_state_dict(resume_state['mim_decoder'])
@@ -771,7 +772,7 @@ def main(argv=None):
         rng = rng_states(device, world)   # a collective: every rank takes part
         if rank == 0:
             write_json(os.path.join(args.save, 'history.json'), history)
-            save_checkpoint(os.path.join(args.save, 'checkpoint.pt'), {
+            save_checkpoint(checkpoint, {
                 'config': config, 'epoch': epoch + 1, 'history': history, 'model': model.state_dict(),
                 'mim_decoder': mim_decoder.state_dict() if mim_decoder is not None else None,
                 'w_opt': w_opt.state_dict(), 'arch_opt': arch_opt.state_dict(), 'scheduler': scheduler.state_dict(),

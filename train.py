@@ -604,16 +604,15 @@ def main(argv=None):
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     config['genotype'] = genotype_to_json(genotype, space)
     state = None
+    if args.save is None:
+        args.save = default_run_folder(f'train-{args.dataset}', world)
+    checkpoint = os.path.join(args.save, 'checkpoint.pt')
     if args.resume:   # without a checkpoint it was stopped in its first epoch, and starts again with its flags
-        checkpoint = os.path.join(args.save, 'checkpoint.pt')
         if os.path.exists(checkpoint):
             state = load_checkpoint(checkpoint, config, CONFIG_KEYS)
-    else:
-        if args.save is None:
-            args.save = default_run_folder(f'train-{args.dataset}', world)
-        elif os.path.exists(os.path.join(args.save, 'checkpoint.pt')):
-            raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
-                           "or choose another --save")
+    elif os.path.exists(checkpoint):
+        raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
+                       "or choose another --save")
     # The model is built alike everywhere and DDP copies rank 0's weights anyway; the seed differs
     # per rank so that drop-path masks do. The data order comes from the loaders' own generators.
     seed_everything(args.seed + rank)
@@ -644,7 +643,7 @@ def main(argv=None):
     log = Logger(args.save, rank)
     start_epoch, history, wall = 0, [], 0.0
     if state is not None:
-        with restoring(os.path.join(args.save, 'checkpoint.pt')):
+        with restoring(checkpoint):
             raw.load_state_dict(state['model'])
             opt.load_state_dict(state['optimizer'])
             scheduler.load_state_dict(state['scheduler'])
@@ -699,7 +698,7 @@ def main(argv=None):
         rng = rng_states(device, world)
         if rank == 0:
             write_json(os.path.join(args.save, 'history.json'), history)
-            save_checkpoint(os.path.join(args.save, 'checkpoint.pt'), {
+            save_checkpoint(checkpoint, {
                 'config': config, 'epoch': epoch + 1, 'history': history, 'model': raw.state_dict(),
                 'optimizer': opt.state_dict(), 'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(),
                 'train_q': train_q.state_dict() if isinstance(train_q, GPULoader) else None, 'rng': rng,
