@@ -189,6 +189,8 @@ def load_run(run, device):
         state = torch.load(ckpt, map_location='cpu', weights_only=False)
     except Exception as e:
         raise RunError(f"checkpoint '{ckpt}' is unreadable ({type(e).__name__})") from None
+    if not (isinstance(settings, dict) and isinstance(state, dict) and isinstance(state.get('config', {}), dict)):
+        raise RunError(f"'{run}' does not hold a search.py run (its args.json or checkpoint.pt is of something else)")
     settings.update(state.get('config', {}))
     missing = [k for k in ('space', 'method', 'dataset', 'init_channels', 'layers', 'cells') if k not in settings]
     if missing:
@@ -510,7 +512,7 @@ def compare_markdown(analyses):
             else:
                 values = [fmt(c[key]) for c in a['cells']] + ['–'] * (n_cells - len(a['cells']))
                 values.append(fmt(a['summary'][key]))
-            rows.append([a['name'], s['method'], s.get('patch')] + values)
+            rows.append([a['name'], s['method'], s.get('patch') if s['method'] == 'midas' else '–'] + values)
         md.append(f'**{caption}**\n\n' + table(header + ([] if key == 'grid' else ['mean']), rows))
     return '\n'.join(md)
 
@@ -545,11 +547,28 @@ SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm
                 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'detach_mixing', 'mim', 'mean_shift',
                 'arch_warmup', 'aux_skip', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset',
                 'select')
+# the rest of what a search's result depends on: a table names them only where its rows differ in them
+TRAINING_KEYS = ('batch_size', 'lr', 'lr_min', 'momentum', 'weight_decay', 'grad_clip', 'arch_weight_decay',
+                 'train_portion', 'decode_samples', 'epoch_decode_samples', 'decode_none', 'select_samples',
+                 'mim_ratio', 'mim_patch', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth')
+# keys that mean nothing unless another one is on: NOT_USED then, so that runs differing in them group together
+NOT_USED = '(not used)'
+UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
+                 'decode_none': lambda s: s.get('select') == 'weights',
+                 **{k: lambda s: s.get('mim') for k in ('mim_ratio', 'mim_patch')},
+                 **{k: lambda s: s.get('mean_shift') for k in ('ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth')}}
 # runs older than a flag ran without it, whatever today's default: they group with 'off' here, and search.py
 # --resume rebuilds them so (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
                'token_before_bn': False, 'score_bias': False, 'share_attention': False, 'detach_mixing': False,
                'edge_norm': False, 'aux_skip': False, 'token_bn': False}
+
+
+def search_defaults():
+    """search.py's flags as it sets them when none is given (imported here, not at the top: search.py imports this
+    file)."""
+    import search
+    return search.get_args([])
 
 
 def with_older_flags(settings):
@@ -616,32 +635,46 @@ def mean_std(values):
 def nb201_results(runs):
     """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories)."""
     groups, seen = {}, {}
+    defaults = vars(search_defaults())
     for run in dict.fromkeys(os.path.realpath(r) for r in runs):   # a folder named twice counts once
         settings = read_json(os.path.join(run, 'args.json'))
         if not isinstance(settings, dict) or 'method' not in settings or 'seed' not in settings:
             raise RunError(f"'{run}' holds no search.py run (its args.json lacks the method and seed)")
-        settings = with_older_flags(settings)
+        settings = {**{k: defaults[k] for k in TRAINING_KEYS}, **with_older_flags(settings)}
         history = read_json(os.path.join(run, 'history.json'))
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        settings['select'] = final.get('select', 'weights')   # a finished run resumed with another --select chose again
+        # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
+        settings['select'] = final.get('select', 'weights')
+        settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
         key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k)
                     for k in SETTING_KEYS)
+        key += tuple(settings.get(k) if UNUSED_UNLESS.get(k, lambda s: True)(settings) else NOT_USED
+                     for k in TRAINING_KEYS)
         twin = seen.setdefault((key, settings['seed']), run)
         if twin != run:   # a mean over seeds must not count one seed twice
             raise RunError(f"'{twin}' and '{run}' are the same setting and seed: give one of them")
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
+    # a training flag that differs between the rows is named where it is not search.py's default (the rows would
+    # read as one setting twice); one that all rows share, such as the README recipe's decode sizes, is not
+    varying = [(i, k) for i, k in enumerate(TRAINING_KEYS, len(SETTING_KEYS))
+               if len({key[i] for key in groups} - {NOT_USED}) > 1]
     rows = []
-    for g in groups.values():
+    for key, g in groups.items():
         s, runs_ = g['settings'], sorted(g['runs'], key=lambda r: r[0])
+        name = setting_name(s) + ''.join(f" {k.replace('_', '-')} {key[i]}" for i, k in varying
+                                         if key[i] not in (NOT_USED, defaults[k]))
         epochs = min(len(h) for _, _, h in runs_)
-        trajectory = ' → '.join(mean_std([h[e].get('nb201', {}).get('test') for _, _, h in runs_]).split(' ±')[0]
-                                for e in range(epochs))
-        rows.append([setting_name(s), budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
+        # an epoch some run did not score (--nb201-table added on --resume) is '–', not the mean of the others
+        trajectory = ' → '.join(mean_std(tests).split(' ±')[0] if None not in tests else '–'
+                                for tests in ([h[e].get('nb201', {}).get('test') for _, _, h in runs_]
+                                              for e in range(epochs)))
+        rows.append([name, budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
                      mean_std([f['nb201']['valid'] for _, f, _ in runs_]), mean_std([f['nb201']['test'] for _, f, _ in runs_]),
                      trajectory])
-    return table(['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch'], rows)
+    # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
+    return table(['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch (§8 weights)'], rows)
 
 
 MAX_MOSAIC_IMAGES = 64

@@ -78,7 +78,8 @@ def _read_batch(path, label_key, size):
         raise DataError(f"{path} lacks the 'data' or '{label_key}' entry of an official batch file")
     try:
         raw, y = np.asarray(d['data']), np.asarray(d[label_key]).reshape(-1)
-        if raw.dtype != np.uint8 or y.dtype.kind not in 'iu':   # uint8 pixels and integer labels, as the official files
+        # uint8 pixels and integer labels, as the official files (an empty list of labels reads as float64)
+        if raw.dtype != np.uint8 or (y.dtype.kind not in 'iu' and y.size):
             raise TypeError(f"pixels of type {raw.dtype}, labels of type {y.dtype}")
         x, y = raw, y.astype(np.int64)
     except (TypeError, ValueError) as e:
@@ -448,7 +449,7 @@ def _fake_images(rng, labels, size, num_classes):
     """A per-class mean colour plus noise: random, yet learnable in a few steps."""
     colours = np.random.default_rng(12345).uniform(40, 215, size=(max(num_classes, 1), 3, 1, 1))
     x = colours[labels % len(colours)] + rng.normal(0, 40, size=(len(labels), 3, size, size))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(len(labels), -1)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(len(labels), 3 * size * size)
 
 
 def _dump(path, obj):
@@ -506,7 +507,7 @@ def write_cifar_like(root, name, n_train, n_test, num_classes=None, seed=0):
 # ----------------------------------------------------------------------------------------------
 # python data.py --fake: loader throughput (images per second, augmentation included)
 
-if __name__ == '__main__':
+def _throughput(argv=None):
     import argparse
     import time
 
@@ -521,7 +522,12 @@ if __name__ == '__main__':
     ap.add_argument('--epochs', type=int, default=2)
     ap.add_argument('--threads', type=int, default=2, help="torch CPU threads")
     ap.add_argument('--channels-last', action='store_true')
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for name in ('batch_size', 'epochs', 'threads'):
+        if getattr(a, name) < 1:
+            ap.exit(2, f"error: --{name.replace('_', '-')} must be at least 1\n")
+    if a.cutout < 0:
+        ap.exit(2, 'error: --cutout must not be negative\n')
     torch.set_num_threads(a.threads)
     cfg = DATASETS[a.dataset]
     if a.fake:
@@ -546,3 +552,10 @@ if __name__ == '__main__':
         print(f"{a.dataset}: epoch {epoch}, {seen} images in {dt:.2f} s = {seen / dt:,.0f} images/s "
               f"(batch {a.batch_size}, crop pad {cfg['crop_pad']}, flip, cutout {a.cutout}, {loader.device}, "
               f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+
+
+if __name__ == '__main__':
+    try:
+        _throughput()
+    except DataError as e:   # a missing or corrupt dataset: one line that says how to get it
+        raise SystemExit(f'error: {e}') from None

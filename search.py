@@ -540,14 +540,19 @@ def decode_costs(costs, args):
     return genotype, record['margins']
 
 
-def write_result(save, genotype, record, space, score, select='weights'):
+def write_result(save, genotype, record, space, score, args):
     """A finished search's outputs: weights.json (what it was decoded from), genotype.json (with the NB201
-    score when there is one, and the rule that chose it) and the cell diagrams."""
+    score when there is one, and the rule that chose it, which a resumed or re-decoded run may have changed
+    since args.json) and the cell diagrams."""
     write_json(os.path.join(save, 'weights.json'), record)
     result = genotype_to_json(genotype, space)
     if score:
         result['nb201'] = score
-    result['select'] = select
+    result['select'] = args.select
+    if args.select == 'perturb':
+        result['select_samples'] = args.select_samples
+    else:
+        result['decode_none'] = args.decode_none
     write_json(os.path.join(save, 'genotype.json'), result)
     write_diagrams(genotype, save)
 
@@ -580,7 +585,7 @@ def redecode(args):
     score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
     if 'removal_costs' in record:   # a measurement of the supernet, still true; the cell it chose is replaced
         new['removal_costs'] = record['removal_costs']
-    write_result(run, genotype, new, settings['space'], score)
+    write_result(run, genotype, new, settings['space'], score, args)
     print(f"{run}: {genotype}" + (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''))
     return genotype
 
@@ -792,7 +797,7 @@ def main(argv=None):
         score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
         record.update(margins=margins, removal_costs=costs, by_weights=by_weights)
     if rank == 0:
-        write_result(args.save, genotype, record, args.space, score, args.select)
+        write_result(args.save, genotype, record, args.space, score, args)
     if os.environ.get('MIDAS_RANK_STATES'):  # every rank's final supernet, for the tests to compare across ranks
         save_checkpoint(os.path.join(args.save, f'rank{rank}-state.pt'),
                         {'model': model.state_dict(), 'genotype': genotype_to_json(genotype, args.space)})

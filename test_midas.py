@@ -1194,6 +1194,12 @@ def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
         analyze.main(['mosaic', '--run', save, '--images', '100000'])
     with pytest.raises(analyze.RunError, match='at least 4'):
         analyze.main(['report', '--run', save, '--samples', '3'])
+    foreign = tmp_path / 'foreign'   # a checkpoint.pt and args.json of something else
+    foreign.mkdir()
+    torch.save(torch.zeros(3), foreign / 'checkpoint.pt')
+    (foreign / 'args.json').write_text('[1, 2]')
+    with pytest.raises(analyze.RunError, match='does not hold a search.py run'):
+        analyze.main(['report', '--run', str(foreign)])
     broken = tmp_path / 'broken.json'
     broken.write_text(json.dumps({'cells': [{'grid': [1, 1]}], 'settings': {}}))
     with pytest.raises(analyze.RunError, match='not analysis.json files'):
@@ -1360,9 +1366,9 @@ def test_train_resume_keeps_the_runs_own_runtime_flags_and_cutout_scales_with_th
     args = train.get_args(['--resume', str(run), '--amp', 'off'])
     train.resolve_args(args)
     assert args.amp == 'off'
-    args = train.get_args(['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120', '--auxiliary-weight', '0'])
+    args = train.get_args(['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120'])   # no CIFAR head on 16x16
     train.resolve_args(args)
-    assert args.cutout == 8
+    assert (args.cutout, args.auxiliary_weight) == (8, 0.0)
 
 
 
@@ -1411,7 +1417,7 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'DARTS_V9'], ["cannot read genotype 'DARTS_V9'"]),
     ([], ['--genotype is required']),
     (['--genotype', NB201_ALL_SKIP, '--auxiliary-weight', '0.4'], ['--auxiliary-weight does not apply']),
-    (['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120'], ['auxiliary head needs 32x32']),
+    (['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120', '--auxiliary-weight', '0.4'], ['auxiliary head needs 32x32']),
     (['--genotype', 'DARTS_V2', '--layers', '2'], ['--layers must be at least 3']),
     (['--resume', 'NOWHERE'], ['no train.py run to resume']),
     (['--eval', 'NOWHERE'], ['no checkpoint']),
@@ -1711,7 +1717,8 @@ def test_nb201_results_table(tmp_path):
     for k, (method, valid, test) in enumerate([('midas', 90.0, 93.0), ('midas', 91.0, 94.0), ('darts', 88.0, 91.0),
                                                ('midas', 80.0, 85.0), ('midas', 70.0, 75.0), ('midas', 60.0, 65.0),
                                                ('midas', 50.0, 55.0), ('midas', 40.0, 45.0), ('midas', 30.0, 35.0),
-                                               ('darts', 88.0, 91.0), ('midas', 20.0, 25.0), ('midas', 92.0, 95.0)]):
+                                               ('darts', 88.0, 91.0), ('midas', 20.0, 25.0), ('midas', 92.0, 95.0),
+                                               ('midas', 10.0, 15.0), ('midas', 5.0, 8.0)]):
         run = tmp_path / f'r{k}'
         run.mkdir()
         args = {'method': method, 'patch': 4, 'seed': k, 'mim': 0.0, 'mean_shift': False, 'token': 'meanstd',
@@ -1726,11 +1733,16 @@ def test_nb201_results_table(tmp_path):
             args.update(patch=0, attn_dim=64, score_bias=True)
         if k != 1:   # runs older than the flag have no 'arch_warmup': they had none, and group with 0
             args['arch_warmup'] = 5 if k == 7 else 0
+        if k == 12:   # seed 1 of run 1's setting at another learning rate: a row of its own, which names it
+            args.update(seed=1, lr=0.1)
+        if k == 13:   # run 0 re-decoded with --decode-none include (genotype.json says so; args.json cannot)
+            args.update(seed=0)
         (run / 'args.json').write_text(json.dumps(args))
-        (run / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}},
-                                                      {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
+        first = {'epoch': 1} if k == 13 else {'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}}   # unscored
+        (run / 'history.json').write_text(json.dumps([first, {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
         # run 11 is run 0's search chosen again with --select perturb (resumed: its args.json is run 0's)
-        result = {'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test}, **({'select': 'perturb'} if k == 11 else {})}
+        result = {'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test}, **({'select': 'perturb'} if k == 11 else {}),
+                  **({'decode_none': 'include'} if k == 13 else {})}
         if k == 11:
             (run / 'args.json').write_text((tmp_path / 'r0' / 'args.json').read_text())
         (run / 'genotype.json').write_text(json.dumps(result))
@@ -1747,6 +1759,8 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 detach-mixing | {budget} | 8 | 30.00 | 35.00 | 34.00 → 35.00 |' in text
     assert f'| midas patch 4 token-wise LN | {budget} | 10 | 20.00 | 25.00 | 24.00 → 25.00 |' in text
     assert f'| midas patch 4 select perturb | {budget} | 0 | 92.00 | 95.00 | 94.00 → 95.00 |' in text
+    assert f'| midas patch 4 lr 0.1 | {budget} | 1 | 10.00 | 15.00 | 14.00 → 15.00 |' in text
+    assert f'| midas patch 4 decode-none include | {budget} | 0 | 5.00 | 8.00 | – → 8.00 |' in text
     assert search.get_args([]).detach_mixing is False   # what the name leaves unsaid
 
 
@@ -1774,9 +1788,40 @@ def test_bench_reports_every_figure_as_one_json_line():
     assert any('midas / darts' in line for line in lines[:-1])  # the table comes before the JSON
 
 
-def test_bench_bad_flags_are_one_line():
+def test_bench_bad_flags_are_one_line(tmp_path):
     r = run_script('bench.py', '--skip', 'everything')
-    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and '--skip' in r.stderr
+    _one_line_error(r, '--skip')
+    r = run_script('bench.py', '--train-channels', '0', '--skip', 'search,memory,data')   # not the default's 0
+    _one_line_error(r, '--train-channels must be at least 1')
+    # what search.py refuses, bench.py does not time: bf16 on the CPU where its dilated-convolution kernel is wrong
+    if not search.dilated_bf16_grads_ok():
+        r = run_script('bench.py', '--amp', 'bf16', '--device', 'cpu', '--init-channels', '2', '--layers', '3',
+                       '--batch-size', '2', '--skip', 'memory,train,data')
+        _one_line_error(r, '--amp bf16 on the CPU', 'dil_conv')
+
+
+def test_bench_memory_child_that_fails_is_one_line(monkeypatch):
+    """A memory child killed (out of memory, a crash) is named with its exit code and last line, in one line."""
+    import bench
+    crashed = subprocess.CompletedProcess([], -11, '', 'Traceback (most recent call last):\n  ...\nMemoryError: out')
+    monkeypatch.setattr(bench.subprocess, 'run', lambda *a, **k: crashed)
+    with pytest.raises(train.RunError, match=r'^the memory measurement of midas .* exit code -11: MemoryError: out$'):
+        bench.bench_memory(bench.get_args([]), [])
+
+
+def test_data_throughput_tool_bad_input_is_one_line(tmp_path):
+    r = run_script('data.py', '--data', str(tmp_path / 'nowhere'))
+    _one_line_error(r, 'cifar-10-batches-py not found', 'https://')
+    r = run_script('data.py', '--fake', '--batch-size', '0')
+    _one_line_error(r, '--batch-size must be at least 1')
+
+
+def test_fake_datasets_of_a_few_images_load(tmp_path):
+    """Fewer images than batch files leaves some files empty: still official files, which load."""
+    for name, n in (('cifar10', 3), ('imagenet16-120', 4), ('cifar100', 0)):
+        data.write_cifar_like(tmp_path / name, name, n, 2)
+        x, y = data.load_dataset(name, str(tmp_path / name), train=True, download=False)
+        assert len(x) == len(y) == n
 
 
 def test_help_of_every_script_states_the_defaults(capsys):

@@ -383,6 +383,8 @@ def resolve_args(args):
     protocol = dict(PROTOCOLS['imagenet' if args.dataset == 'imagenet' else 'nb201' if nb201 else 'cifar'])
     size = DATASETS[args.dataset]['size']
     protocol['cutout'] = protocol['cutout'] * size // 32   # DARTS's 16 of 32 pixels; 8 on 16x16 ImageNet16-120
+    if size != 32 and args.dataset != 'imagenet':   # DARTS's CIFAR head pools the 8x8 maps of 32x32 images
+        protocol['auxiliary_weight'] = 0.0
     _fill(args, protocol)
     _fill(args, GENERAL)
     _fill(args, RUNTIME)
