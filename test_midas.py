@@ -116,6 +116,33 @@ def test_gamma_is_sum_of_pair_probabilities():
     torch.testing.assert_close(g3, gamma)
 
 
+def test_topology_cell_scales_each_edge_by_its_gamma():
+    """§5: the node is sum_e gamma[e] m[e]. gamma that is computed but never multiplied in leaves a topology cell
+    equal to a plain one. With every attention parameter 0 the scores are 0: every edge has the same logit, pi is
+    uniform, so node 2 (two inputs, one pair) has gamma 1 and node 3 (three inputs, three pairs, each edge in two)
+    gamma 2/3 on every edge: its output is 2/3 of the plain cell's, whose node 2 it shares."""
+    from model import SearchCell
+    C = 4
+    cells = {}
+    for topology in (True, False):
+        cells[topology] = SearchCell('darts', G.get_space('darts')['normal'], C, C, C, False, False,
+                                     ArchConfig(topology=topology, patch=4)).eval()
+    with torch.no_grad():
+        for p in cells[True].attention.parameters():
+            p.zero_()
+    cells[False].load_state_dict(cells[True].state_dict())
+    g = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, C, 8, 8, generator=g) for _ in range(2)]
+    gammas = []
+    with torch.no_grad():
+        topo = cells[True](s, recorder=lambda c, n, w, gamma, pi: gammas.append(gamma))
+        plain = cells[False](s)
+    torch.testing.assert_close(gammas[1], torch.full_like(gammas[1], 2 / 3))   # the value the node must carry
+    torch.testing.assert_close(topo[:, :C], plain[:, :C])                       # node 2: gamma 1
+    torch.testing.assert_close(topo[:, C:2 * C], plain[:, C:2 * C] * (2 / 3))   # node 3: gamma 2/3
+    assert plain[:, C:2 * C].abs().max() > 0.1
+
+
 def test_patch_zero_is_global_pooling():
     x = torch.randn(2, 5, 8, 8)
     assert grid_size(8, 8, 0) == (1, 1)
@@ -189,6 +216,31 @@ def test_channels_last_fast_paths_match_plain_autograd(channels, batch_weights):
             torch.testing.assert_close(a, b)
         torch.testing.assert_close(fast[3], plain[3])
     assert run('channels_last')[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize('channels', [4, 32])   # both fast paths
+def test_flat_patch_token_has_no_spread_gradient(channels):
+    """A patch whose variance is below 1e-8 has its std clamped; plain autograd gives it no spread gradient. The
+    hand-written backward must find such patches to the bit (std equal to the clamp, not only below it): else
+    g_s / std * (f - m) leaks a gradient of ~1e-2 through the tiny noise of a nearly constant patch."""
+    g = torch.Generator().manual_seed(0)
+    maps = [torch.randn(3, channels, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    for f in maps:   # patch (0, 0) of the first image: constant plus noise of 1e-6, variance ~1e-12
+        f[0, :, :4, :4] = 0.5 + 1e-6 * torch.randn(channels, 4, 4, generator=g, dtype=torch.float64)
+
+    def grads(fast):
+        fs = [(f.contiguous(memory_format=torch.channels_last) if fast else f.clone()).requires_grad_() for f in maps]
+        if fast:
+            tokens = patch_tokens(fs, 2, 2, 'meanstd')
+        else:
+            mean = torch.stack([pool_grid(f, 2, 2) for f in fs])
+            std = (torch.stack([pool_grid(f * f, 2, 2) for f in fs]) - mean ** 2).clamp_min(1e-8).sqrt()
+            tokens = torch.cat([mean, std], 2).permute(0, 1, 3, 4, 2)
+        (tokens * torch.linspace(-1, 1, tokens.numel(), dtype=tokens.dtype).view(tokens.shape)).sum().backward()
+        return [f.grad for f in fs]
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize('space', ['nb201', 's3'])   # s3: a DARTS-style cell with 'none', in a quarter of the time
@@ -480,6 +532,17 @@ def test_darts_rule_keeps_two_strongest_edges_and_ignores_none():
     assert cell[2:4] == [('max_pool_3x3', 1), ('dil_conv_5x5', 2)]  # edge 0->3 lost: only 'none' is strong
 
 
+def test_darts_rule_ranks_edges_by_their_best_weight_not_its_margin():
+    """DARTS keeps the two edges whose best non-'none' op is strongest; how clearly that op beats its runner-up
+    (the margin, which the decode also reports) must not rank the edges."""
+    # node 3: edge 2 (input 0) best 0.45 by 0.01; edge 3 (input 1) 0.30 by 0.25; edge 4 (input 2) 0.20 by 0.19
+    w = _table('darts', 0.01, [(2, 'sep_conv_3x3', 0.45), (2, 'sep_conv_5x5', 0.44), (3, 'skip_connect', 0.30),
+                               (3, 'max_pool_3x3', 0.05), (4, 'dil_conv_3x3', 0.20)])
+    cell, margins = G.decode_darts_cell(G.SPACES['darts']['normal'], w)
+    assert cell[2:4] == [('sep_conv_3x3', 0), ('skip_connect', 1)]
+    assert margins[2]['op_margin'] == pytest.approx(0.01) and margins[2]['edge_margin'] == pytest.approx(0.10)
+
+
 def test_pair_rule_keeps_most_probable_pair():
     w = _table('darts', 0.1, [(2, 'sep_conv_3x3', 0.9), (3, 'sep_conv_5x5', 0.8), (4, 'avg_pool_3x3', 0.2)])
     pairs = [[1.0], [0.1, 0.7, 0.2], [1 / 6] * 6, [0.1] * 9 + [0.1]]
@@ -657,6 +720,47 @@ def test_removing_an_edge_or_a_candidate_is_what_its_weights_at_zero_would_give(
             assert torch.all(w[1][:, j] > 0)   # another edge of the same node keeps it
 
 
+@pytest.mark.parametrize('space', ['nb201', 's3'])   # s3: a DARTS-style cell (edge removals too) with few candidates
+def test_removal_costs_are_the_loss_rise_of_each_removal_alone(space):
+    """A removal's cost is the loss with that one thing removed less the loss with nothing removed (positive: it
+    hurts to lose it), and each is measured alone: a mark left from the removal before would remove both. The
+    last candidate of the last edge and the last edge are measured after all the others, so a leftover mark
+    shows there."""
+    torch.manual_seed(0)
+    net = SearchNetwork(space, 4, 10, 3, 1, ArchConfig())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))]
+    costs = search.removal_costs(net, batches)
+    assert net.training and net.removed is None   # left as it was
+    net.eval()
+    types = G.cell_types(net.kind)
+
+    def loss(t=None, e=None, j=None):
+        net.removed = {k: (torch.zeros(len(net.space[k]), len(net.space[k][0]), dtype=torch.bool),
+                           torch.zeros(len(net.space[k]), dtype=torch.bool)) for k in types}
+        if j is not None:
+            net.removed[t][0][e, j] = True
+        elif e is not None:
+            net.removed[t][1][e] = True
+        with torch.no_grad():
+            total = sum(F.cross_entropy(net(x), y, reduction='sum') for x, y in batches)
+        net.removed = None
+        return total.item() / 4
+
+    base = loss()
+    assert costs['base_loss'] == pytest.approx(base, abs=1e-7)   # the same computation: the same float32
+    t = types[-1]
+    e = len(net.space[t]) - 1
+    j = len(net.space[t][e]) - 1
+    mine = loss(t, e, j) - base
+    assert abs(mine) > 1e-5 and costs[t]['weights'][e][j] == pytest.approx(mine, abs=1e-7)
+    first = next(k for k, op in enumerate(net.space[types[0]][0]) if op != 'none')
+    assert costs[types[0]]['weights'][0][first] == pytest.approx(loss(types[0], 0, first) - base, abs=1e-7)
+    if net.kind == 'darts':   # node 5 (five inputs): its pair (3, 4) costs the removal of edge 12 plus that of edge 13
+        cut = [loss(t, k) - base for k in (12, 13)]
+        assert abs(cut[1]) > 1e-5 and costs[t]['pairs'][3][-1] == pytest.approx(sum(cut), abs=1e-7)
+
+
 @pytest.mark.parametrize('space', ['nb201', 'darts'])
 def test_select_perturb_picks_what_costs_most_to_remove_and_a_finished_run_chooses_again(cifar, tmp_path, space):
     save = str(tmp_path / 'run')
@@ -710,6 +814,37 @@ def test_same_seed_same_result(cifar, tmp_path):
     assert outs[0] == outs[1]
     a, b = _arch_state(str(tmp_path / 'run0')), _arch_state(str(tmp_path / 'run1'))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_architecture_steps_read_search_val_and_weight_steps_search_train(cifar, tmp_path, monkeypatch):
+    """§7: each iteration an architecture step on a search-val batch, then a weight step on a search-train batch.
+    Batches of the wrong half train the architecture on the weights' own images (DARTS's overfitting to them)."""
+    calls = []
+    arch_step, weight_step = search.arch_step, search.weight_step
+
+    def record(name, step):
+        def wrapped(model, params, opt, x, y, *args, **kw):
+            calls.append((name, x.clone(), y.clone()))
+            return step(model, params, opt, x, y, *args, **kw)
+        return wrapped
+
+    monkeypatch.setattr(search, 'arch_step', record('arch', arch_step))
+    monkeypatch.setattr(search, 'weight_step', record('weight', weight_step))
+    search.main(['--data', cifar, '--save', str(tmp_path / 'run'), '--space', 'nb201', *TINY])
+    assert [c[0] for c in calls] == ['arch', 'weight'] * 2   # 16 search-train images in batches of 8
+    x, y = data.load_dataset('cifar10', cifar, download=False)
+    x, y = x[:32], y[:32]   # --subset 32
+    meta = data.DATASETS['cifar10']
+    halves = data.split_indices(32, 0.5)
+    expected = {}
+    for name, idx, seed in (('weight', halves[0], 0), ('arch', halves[1], 1)):   # the loaders of main, seed + 1
+        q = data.GPULoader(x[idx], y[idx], 8, meta['mean'], meta['std'], crop_pad=meta['crop_pad'], seed=seed)
+        expected[name] = [q.next_batch() for _ in range(2)]
+    assert not torch.equal(torch.cat([b[1] for b in expected['arch']]), torch.cat([b[1] for b in expected['weight']]))
+    for name in ('arch', 'weight'):
+        got = [c for c in calls if c[0] == name]
+        for (_, xb, yb), (xe, ye) in zip(got, expected[name]):
+            assert torch.equal(yb, ye) and torch.equal(xb, xe), name
 
 
 
@@ -791,6 +926,48 @@ def test_decode_reads_the_first_n_images_every_time():
     assert torch.equal(torch.cat([yb for _, yb in search.decode_batches(q, 0, 'midas')]), torch.arange(600))
     assert torch.equal(torch.cat([yb for _, yb in search.decode_batches(q, 5000, 'midas')]), torch.arange(600))
     assert [len(yb) for _, yb in search.decode_batches(q, 300, 'darts')] == [256]  # a static table: one batch
+
+
+def test_batched_augmentation_is_pad_crop_flip_normalise_cutout_image_by_image():
+    """The batched crop, flip and cutout (one indexing op on a padded [image | mirror] store) must equal DARTS's
+    per-image transforms: zero-pad by p, crop H x W at a shift drawn from 0..2p (both ends), mirror when drawn,
+    normalise, zero a length x length square. Every pixel of an image is distinct, so a crop one pixel off shows."""
+    n, h, w, p, length = 64, 8, 8, 3, 4
+    x = (torch.arange(n * 3 * h * w) % 251 + 1).to(torch.uint8).view(n, 3, h, w)
+    mean, std = data.DATASETS['cifar10']['mean'], data.DATASETS['cifar10']['std']
+    out = data.augment_batch(x, torch.Generator().manual_seed(0), crop_pad=p, flip=True, cutout=length,
+                             mean=mean, std=std)
+    drawn = data._draw(n, torch.Generator().manual_seed(0), (h, w), p, True, length)   # the same draws
+    assert drawn['flip'].any() and not drawn['flip'].all()
+    padded = F.pad(x, (p,) * 4)
+    for i in range(n):
+        r, c = drawn['shift'][i].tolist()
+        img = padded[i:i + 1, :, r:r + h, c:c + w]
+        img = data.normalize(img.flip(-1) if drawn['flip'][i] else img, mean, std)[0]
+        cy, cx = drawn['centre'][i].tolist()
+        img[:, max(0, cy - length // 2):cy + length // 2, max(0, cx - length // 2):cx + length // 2] = 0
+        assert torch.equal(out[i], img), i
+    many = data._draw(2000, torch.Generator().manual_seed(1), (h, w), p, True, length)
+    assert set(many['shift'].flatten().tolist()) == set(range(2 * p + 1))
+    assert set(many['centre'].flatten().tolist()) == set(range(h))
+    ones = data._cutout(torch.ones(1, 3, 12, 12), {'centre': torch.tensor([[6, 5]])}, length)
+    zeroed = torch.zeros(12, 12, dtype=torch.bool)
+    zeroed[4:8, 3:7] = True   # rows 6 - 2 .. 6 + 1, columns 5 - 2 .. 5 + 1
+    assert all(torch.equal(ones[0, k] == 0, zeroed) for k in range(3))   # length^2 pixels per channel
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_mean():
+    """DARTS's drop_path: a sample's output is zeroed with probability p and the survivors scaled by 1/(1 - p),
+    so the expected output is the input's (without the rescale the network sees weaker paths in training than in
+    evaluation); p = 0 leaves the input as it is."""
+    from model import drop_path
+    torch.manual_seed(0)
+    x = torch.ones(20000, 1, 1, 1)
+    out = drop_path(x, 0.3)
+    kept = out != 0
+    assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    assert abs((~kept).float().mean().item() - 0.3) < 0.02 and abs(out.mean().item() - 1) < 0.03
+    assert drop_path(x, 0.) is x
 
 
 # ---------------------------------------------------------------------------------------------
@@ -944,7 +1121,8 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     _one_line_error(r, '--resume')
     # a checkpoint from before --key-offset, --token-before-bn, --score-bias, --detach-mixing and --edge-norm
     # existed resumes as the run it was (none of them), and only as that
-    for flags in (['--grad-clip', '1'], ['--momentum', '0.5'], ['--weight-decay', '0'], ['--decode-samples', '8']):
+    for flags in (['--grad-clip', '1'], ['--momentum', '0.5'], ['--weight-decay', '0'], ['--decode-samples', '8'],
+                  ['--tau', '2']):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *TINY, *flags)
         _one_line_error(r, 'another configuration', flags[0][2:].replace('-', '_'))
     # a checkpoint from before a key existed is checked against the run's args.json; before --key-offset,
@@ -977,6 +1155,22 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
     search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', '--patch', '8', *TINY])
+
+
+# what may change on --resume (README: another machine, another path, the choice at the end) and the commands
+# that are no search at all; every other flag is the run's configuration, which a checkpoint must agree on
+SEARCH_RUNTIME_FLAGS = {'data', 'save', 'download', 'device', 'amp', 'compile', 'report_freq', 'nb201_table',
+                        'resume', 'redecode', 'select', 'select_samples'}
+
+
+def test_every_search_flag_is_configuration_or_runtime():
+    """A flag missing from CONFIG_KEYS is neither checked on --resume nor saved in the checkpoint's config: a run
+    resumed with another --tau would go on as a different search, silently. A new flag must be put in one set."""
+    dests = set(vars(search.get_args([])))
+    assert len(search.CONFIG_KEYS) == len(set(search.CONFIG_KEYS))
+    assert not SEARCH_RUNTIME_FLAGS & set(search.CONFIG_KEYS)
+    assert set(search.CONFIG_KEYS) | SEARCH_RUNTIME_FLAGS == dests, \
+        sorted(dests ^ (set(search.CONFIG_KEYS) | SEARCH_RUNTIME_FLAGS))
 
 
 # ---- analyze.py (issue 7) ----
