@@ -639,6 +639,23 @@ def test_every_op_name_is_buildable():
             assert build(4, stride, True)(x).shape == (2, 4, 8 // stride, 8 // stride), (name, stride)
 
 
+def test_factorized_reduce_reads_both_pixel_grids():
+    """FactorizedReduce (the stride-2 skip and a reduction cell's s0 preprocessing) halves H and W with two
+    stride-2 1x1 convolutions, one on the even pixels and one on the grid offset by one pixel in both directions:
+    together they see every other pixel of both parities, where one grid alone would drop three quarters."""
+    from ops import FactorizedReduce
+    torch.manual_seed(0)
+    fr = FactorizedReduce(3, 4)
+    values = torch.rand(2, 3, 8, 8) + 0.1   # positive: the leading ReLU keeps them
+    for parity, conv in ((0, fr.conv_1), (1, fr.conv_2)):
+        x = torch.zeros_like(values)
+        x[:, :, parity::2, parity::2] = values[:, :, parity::2, parity::2]
+        out = fr.reduce(x)
+        mine, other = (out[:, :2], out[:, 2:]) if parity == 0 else (out[:, 2:], out[:, :2])
+        torch.testing.assert_close(mine, F.conv2d(x[:, :, parity::2, parity::2], conv.weight))
+        assert torch.equal(other, torch.zeros_like(other))
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: tiny searches on generated CIFAR-format files
 
@@ -677,6 +694,21 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
     assert f'valid {k % 97:.2f} test {k % 89:.2f}' in out
     with open(os.path.join(save, 'genotype.json')) as f:
         assert json.load(f)['nb201'] == {'valid': k % 97, 'test': k % 89}
+
+
+def test_nb201_table_reads_the_datasets_own_columns(tmp_path):
+    """NAS-Bench-201 holds valid and test accuracies per dataset (c10_, c100_, in16_ columns): a cell found on
+    CIFAR-100 must be scored by the CIFAR-100 columns, and a table without them refused, not scored by CIFAR-10's."""
+    table = tmp_path / 'nb201.csv'
+    table.write_text('index,arch,c10_valid,c10_test,c100_valid,c100_test,in16_valid,in16_test\n'
+                     f'0,{G.NB201_BEST},91.6,94.4,73.5,73.5,46.4,46.3\n')
+    for dataset, score in (('cifar10', (91.6, 94.4)), ('cifar100', (73.5, 73.5)), ('imagenet16-120', (46.4, 46.3))):
+        rows = search.load_nb201_table(str(table), dataset)
+        assert search.nb201_score(rows, G.NB201_BEST, dataset) == dict(zip(('valid', 'test'), score)), dataset
+    assert search.nb201_score(rows, G.NB201_PAPER, 'cifar10') is None   # a cell the table lacks
+    table.write_text(f'arch,c10_valid,c10_test\n{G.NB201_BEST},91.6,94.4\n')
+    with pytest.raises(search.RunError, match='c100_valid'):
+        search.load_nb201_table(str(table), 'cifar100')
 
 
 @pytest.mark.parametrize('method', ['midas', 'darts'])
@@ -926,6 +958,30 @@ def test_decode_reads_the_first_n_images_every_time():
     assert torch.equal(torch.cat([yb for _, yb in search.decode_batches(q, 0, 'midas')]), torch.arange(600))
     assert torch.equal(torch.cat([yb for _, yb in search.decode_batches(q, 5000, 'midas')]), torch.arange(600))
     assert [len(yb) for _, yb in search.decode_batches(q, 300, 'darts')] == [256]  # a static table: one batch
+
+
+@pytest.mark.parametrize('space', ['nb201', 's3'])
+def test_averaged_weights_are_a_mean_over_images_not_batches(space):
+    """§8 averages w (and gamma, pi) over the decode set's images: a last, shorter batch must count for its images,
+    not as much as a full one. In eval mode an image's weights do not depend on its batch, so any split of the
+    images gives the average of the whole."""
+    from model import average_weights
+    torch.manual_seed(0)
+    model = SearchNetwork(space, C=4, layers=3, cells=1)
+    x = torch.randn(5, 3, 16, 16)
+    whole = average_weights(model, [(x, None)])
+    split = average_weights(model, [(x[:4], None), (x[4:], None)])
+    by_batch = [average_weights(model, [(part, None)]) for part in (x[:4], x[4:])]
+    def flat(rows):   # pairs are ragged: one list per node
+        return torch.tensor([v for row in rows for v in (row if isinstance(row, list) else [row])])
+
+    for t in whole:
+        for key in ('weights', 'gamma', 'pairs'):
+            if whole[t][key] is None:
+                continue
+            torch.testing.assert_close(flat(split[t][key]), flat(whole[t][key]), rtol=0, atol=1e-6)
+    of_batches = sum(torch.tensor(b['normal']['weights']) for b in by_batch) / 2
+    assert (of_batches - torch.tensor(whole['normal']['weights'])).abs().max() > 1e-5   # the split does tell
 
 
 def test_batched_augmentation_is_pad_crop_flip_normalise_cutout_image_by_image():
@@ -1449,6 +1505,36 @@ def test_train_parameter_counts_match_the_original_code():
             assert count_parameters(net, exclude_auxiliary=False) == count, (arch, dataset)
 
 
+def test_eval_networks_nb201_blocks_and_darts_auxiliary_head():
+    """What parameter counts cannot see. NAS-Bench-201's InferCell: node k sums op_jk(node j) over j < k, edges in
+    arch-string order (node 3 <- node 0 by skip, all else 'none': the cell is the identity). Its stride-2 residual
+    block adds the 2x2-average-pooled, 1x1-convolved input to conv_b(conv_a(x)). NetworkCIFAR's auxiliary head
+    reads the output of the cell at 2/3 of the depth (the second reduction: 8x8 maps), in training only."""
+    from model import InferCell, NetworkCIFAR, ResNetBasicblock
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    cell = InferCell('|nor_conv_1x1~0|+|none~0|none~1|+|skip_connect~0|none~1|none~2|', 4)
+    assert torch.equal(cell(x), x)
+    block = ResNetBasicblock(4, 8, 2)
+    with torch.no_grad():   # conv_b's BN gives 0: what is left is the residual branch
+        block.conv_b[2].weight.zero_()
+        block.conv_b[2].bias.zero_()
+    torch.testing.assert_close(block(x), F.conv2d(F.avg_pool2d(x, 2), block.downsample[1].weight))
+    same = ResNetBasicblock(4, 4, 1)   # stride 1, same width: the identity is the residual branch
+    with torch.no_grad():
+        same.conv_b[2].weight.zero_()
+        same.conv_b[2].bias.zero_()
+    assert torch.equal(same(x), x)
+
+    net = NetworkCIFAR(4, 10, 6, True, G.DARTS_V2)   # reductions at cells 2 and 4
+    seen = {}
+    net.cells[4].register_forward_hook(lambda m, i, out: seen.__setitem__('cell', out))
+    net.auxiliary_head.register_forward_hook(lambda m, i, out: seen.__setitem__('head', i[0]))
+    _, aux = net(torch.randn(2, 3, 32, 32))
+    assert aux.shape == (2, 10) and seen['head'] is seen['cell'] and seen['head'].shape[-2:] == (8, 8)
+    assert net.eval()(torch.randn(2, 3, 32, 32))[1] is None
+
+
 def test_train_defaults_are_the_darts_protocols():
     args = train.get_args(['--genotype', 'DARTS_V2'])
     train.resolve_args(args)
@@ -1460,6 +1546,42 @@ def test_train_defaults_are_the_darts_protocols():
     assert (args.epochs, args.batch_size, args.lr, args.schedule, args.lr_gamma, args.label_smoothing,
             args.weight_decay, args.auxiliary_weight, args.grad_clip, args.drop_path, args.init_channels,
             args.layers) == (250, 128, 0.1, 'step', 0.97, 0.1, 3e-5, 0.4, 5.0, 0.0, 48, 14)
+
+
+def test_train_step_loss_is_smoothed_cross_entropy_plus_weighted_aux_and_the_gradient_is_clipped():
+    """DARTS's retraining step (METHOD.md §10): the loss is the label-smoothed cross-entropy of the logits plus
+    --auxiliary-weight times that of the auxiliary head (smoothed alike), and the step takes the gradient clipped
+    to --grad-clip. Each is silent when wrong: the run still trains, to a worse network than the protocol's."""
+    import argparse
+    torch.manual_seed(0)
+    net, head = torch.nn.Linear(6, 5), torch.nn.Linear(6, 5)
+    params = [*net.parameters(), *head.parameters()]
+    x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    with torch.no_grad():
+        expected = (F.cross_entropy(net(x), y, label_smoothing=0.1)
+                    + 0.4 * F.cross_entropy(head(x), y, label_smoothing=0.1)).item()
+    args = argparse.Namespace(label_smoothing=0.1, auxiliary_weight=0.4, grad_clip=0.01, report_freq=1, epochs=1)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, 1.0)
+    _, autocast, scaler = train.amp_setup('off', torch.device('cpu'))
+    loss, _ = train.train_epoch(lambda inp: (net(inp), head(inp)), params, [(x, y)], 1, opt, scaler, autocast, args,
+                                1, 0, 1.0, train.Throughput(1), lambda msg: None)
+    assert loss == pytest.approx(expected, rel=1e-6)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]).norm().item()
+    assert moved == pytest.approx(0.01, rel=1e-4)   # lr 1 times the gradient clipped to norm 0.01
+
+
+def test_train_lr_schedule_and_drop_path_ramp_per_epoch(cifar, tmp_path):
+    """Per epoch, as DARTS: the lr is cosine-annealed from --lr to 0 over the run (stepped once an epoch, not per
+    step) and drop path ramps linearly from 0, drop_path * epoch / epochs (epoch from 0): the first epoch trains
+    without it. history.json records both."""
+    save = str(tmp_path / 'run')
+    train.main(['--genotype', 'DARTS_V2', '--data', cifar, '--save', save, *TRAIN_TINY, '--layers', '3',
+                '--subset', '32', '--epochs', '3', '--eval-freq', '3'])
+    with open(os.path.join(save, 'history.json')) as f:
+        history = json.load(f)
+    assert [h['lr'] for h in history] == pytest.approx([0.025 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
+    assert [h['drop_path'] for h in history] == pytest.approx([0.0, 0.2 / 3, 0.4 / 3])
 
 
 def test_train_torchrun_two_ranks_end_with_identical_weights(cifar, tmp_path, capsys, one_thread):
@@ -1688,6 +1810,35 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
     assert train.evaluate(forward, net, padded, autocast, torch.device('cpu'), 1, limit=10) == whole
 
 
+def test_train_evaluation_counts_top1_and_top5():
+    """Top-5 counts a label among the five largest logits (top-1 the largest alone); with fewer than five
+    classes every label is in the top five."""
+    labels = torch.tensor([0, 1, 4, 5])   # logits -arange(7): class k is ranked k-th
+    logits = -torch.arange(7.).expand(4, 7)
+    forward, model = (lambda x: (x, None)), torch.nn.Identity()
+    _, autocast, _ = train.amp_setup('off', torch.device('cpu'))
+    result = train.evaluate(forward, model, [(logits[:3], labels[:3]), (logits[3:], labels[3:])], autocast,
+                            torch.device('cpu'), 1)
+    assert (result['test_top1'], result['test_top5'], result['test_images']) == (25.0, 75.0, 4)
+    assert result['test_loss'] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    few = train.evaluate(forward, model, [(logits[:, :3], torch.tensor([2, 1, 0, 2]))], autocast,
+                         torch.device('cpu'), 1)
+    assert (few['test_top1'], few['test_top5']) == (25.0, 100.0)
+
+
+def test_train_imagenet_test_limit_counts_each_ranks_real_images(monkeypatch):
+    """Under torchrun each rank tests every world-th ImageNet image, DistributedSampler padding the last round with
+    repeats: a rank's real images are len(range(rank, n, world)), which sum to n over the ranks. A plain n // world
+    drops images (5 over 2 ranks: 2 + 2) or, rounded up, counts the repeats."""
+    import argparse
+    monkeypatch.setattr(train, 'imagenet_loader', lambda root, is_train, batch, workers, distributed=False, seed=0:
+                        argparse.Namespace(dataset=list(range(5))))
+    args = argparse.Namespace(dataset='imagenet', batch_size=4, workers=0, data='.', seed=0)
+    limits = [train.make_queues(args, torch.device('cpu'), rank, 2)[2] for rank in (0, 1)]
+    assert limits == [3, 2]
+    assert [train.make_queues(args, torch.device('cpu'), rank, 3)[2] for rank in range(3)] == [2, 2, 1]
+
+
 # ---- the sources' other methods: --mim and --mean-shift (issue 6) ----
 
 def _ms_args(**kw):
@@ -1743,6 +1894,34 @@ def test_zero_offset_changes_nothing():
         torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
 
 
+def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel():
+    """MS-DARTS's rounds (METHOD.md §11) on a stand-in supernet whose loss, softplus of the offsets' sum, is known:
+    each round draws N points within +-eps of the centre and moves to their mean weighted by softmax(losses) times
+    exp(-|p - c|^2 / 2h^2): towards the points of higher loss, which the weight step then trains for."""
+    from search import mean_shift_offsets
+
+    class Stand(torch.nn.Module):
+        kind, space, mix_offset = 'nb201', G.get_space('nb201'), None
+
+        def forward(self, x):
+            s = self.mix_offset['normal'].sum()
+            return torch.stack([torch.zeros(()), s]).expand(len(x), 2)   # label 0: loss softplus(s)
+
+    x, y = torch.zeros(3, 1), torch.zeros(3, dtype=torch.long)
+    args = _ms_args(ms_bandwidth=0.5)
+    got = mean_shift_offsets(Stand(), x, y, args, _no_autocast, generator=torch.Generator().manual_seed(0))['normal']
+    g, centre = torch.Generator().manual_seed(0), torch.zeros(6, 5)
+    for _ in range(args.ms_iters):
+        points = [centre + args.ms_eps * (2 * torch.rand(6, 5, generator=g) - 1) for _ in range(args.ms_samples)]
+        losses = torch.stack([F.softplus(p.sum()) for p in points])
+        kernel = torch.stack([torch.exp(-((p - centre) ** 2).sum() / (2 * args.ms_bandwidth ** 2)) for p in points])
+        weight = losses.softmax(0) * kernel
+        plain = sum(k * p for k, p in zip(kernel / kernel.sum(), points))   # the kernel alone, no loss
+        centre = sum(w * p for w, p in zip(weight / weight.sum(), points))
+        assert centre.sum() > plain.sum()   # pulled towards the higher losses
+    torch.testing.assert_close(got, centre)
+
+
 @pytest.mark.parametrize('method', ['midas', 'darts'])
 def test_steps_freeze_what_they_do_not_train(method):
     """arch_step with the weights frozen and weight_step with the architecture frozen take the same gradients
@@ -1762,6 +1941,34 @@ def test_steps_freeze_what_they_do_not_train(method):
         assert all(p.requires_grad for p in model.parameters())
     for before, after in zip(*grads.values()):
         torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-7)
+
+
+def test_search_optimisers_follow_the_darts_protocol(cifar, tmp_path):
+    """METHOD.md §7: the architecture step is Adam with betas (0.5, 0.999) and --arch-weight-decay, the weight step
+    SGD whose lr is cosine-annealed to --lr-min (not to 0) over the run. A search with other settings still runs
+    and still decodes a cell: only these numbers tell."""
+    save = str(tmp_path / 'run')
+    search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY, '--lr-min', '0.002',
+                 '--arch-weight-decay', '0.004', '--arch-lr', '0.0005'])
+    state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
+    arch = state['arch_opt']['param_groups'][0]
+    assert (tuple(arch['betas']), arch['weight_decay'], arch['lr']) == ((0.5, 0.999), 0.004, 0.0005)
+    w = state['w_opt']['param_groups'][0]
+    assert (w['momentum'], w['weight_decay']) == (0.9, 3e-4)
+    assert w['lr'] == pytest.approx(0.002)   # the end of the cosine: --lr-min
+    assert (state['scheduler']['T_max'], state['scheduler']['eta_min']) == (1, 0.002)
+
+
+def test_search_weight_step_clips_the_gradient_norm():
+    """The weight step clips the weights' gradient to norm --grad-clip (§7: 5); 0 turns clipping off."""
+    from search import weight_step
+    moved = []
+    for clip in (1e-3, 0.0):
+        model, weights, _, x, y = _step_setup('midas')
+        before = [p.detach().clone() for p in weights]
+        weight_step(model, weights, torch.optim.SGD(weights, 1.0), x, y, clip, 1, _no_autocast)
+        moved.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(weights, before)]).norm().item())
+    assert moved[0] == pytest.approx(1e-3, rel=1e-3) and moved[1] > 1e-2
 
 
 def test_detach_mixing_changes_only_midas_weight_gradient():
@@ -1810,6 +2017,46 @@ def test_unrolled_step_at_zero_lr_is_the_first_order_step(method, mim):
         grads.append(torch.cat([p.grad.flatten() for p in arch]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+class _Toy(torch.nn.Module):
+    """A two-parameter 'supernet' (weights w, architecture a) in float64, for steps whose exact result autograd can
+    give."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
+        self.a = torch.nn.Parameter(torch.randn(3, 3, generator=g, dtype=torch.float64))
+
+    def forward(self, x, w=None, a=None, detach_mixing=False):
+        w, a = self.w if w is None else w, self.a if a is None else a
+        return torch.tanh(x @ w) @ a.softmax(0)
+
+
+def test_unrolled_step_is_the_gradient_through_the_virtual_step():
+    """--unrolled (DARTS's second order): the architecture gradient is d/da L_val(w - lr (dL_train/dw + wd w +
+    momentum buf), a), its Hessian term by finite differences. Against autograd's exact derivative at lr 0.5 (at
+    lr 0 the Hessian term vanishes, so a wrong sign or scale of it shows only here)."""
+    from search import unrolled_arch_step
+    model = _Toy()
+    g = torch.Generator().manual_seed(1)
+    x_tr, x_val = torch.randn(2, 8, 4, generator=g, dtype=torch.float64)
+    y_tr, y_val = torch.randint(0, 3, (2, 8), generator=g)
+    args, lr = search.get_args([]), 0.5
+    w_opt = torch.optim.SGD([model.w], lr, momentum=args.momentum)
+    buf = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    w_opt.state[model.w]['momentum_buffer'] = buf
+    w, a = model.w.detach().clone().requires_grad_(), model.a.detach().clone().requires_grad_()
+    d_train = torch.autograd.grad(F.cross_entropy(model(x_tr, w, a), y_tr), w, create_graph=True)[0]
+    w_virtual = w - lr * (d_train + args.weight_decay * w + args.momentum * buf)
+    exact = torch.autograd.grad(F.cross_entropy(model(x_val, w_virtual, a), y_val), a)[0]
+    unrolled_arch_step(model, [model.a], [model.w], torch.optim.SGD([model.a], 0.0), w_opt, (x_val, y_val),
+                       (x_tr, y_tr), lr, args, 1, _no_autocast)
+    first_order = torch.autograd.grad(F.cross_entropy(model(x_val, w_virtual.detach(), a), y_val), a)[0]
+    assert (exact - first_order).norm() > 0.05 * exact.norm()   # the Hessian term matters here
+    torch.testing.assert_close(model.a.grad, exact, rtol=1e-4, atol=1e-7)
+    assert torch.equal(model.w, w)   # restored
 
 
 def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
