@@ -547,10 +547,6 @@ SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm
                 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'detach_mixing', 'mim', 'mean_shift',
                 'arch_warmup', 'aux_skip', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells', 'subset', 'dataset',
                 'select')
-# the rest of what a search's result depends on: a table names them only where its rows differ in them
-TRAINING_KEYS = ('batch_size', 'lr', 'lr_min', 'momentum', 'weight_decay', 'grad_clip', 'arch_weight_decay',
-                 'train_portion', 'decode_samples', 'epoch_decode_samples', 'decode_none', 'select_samples',
-                 'mim_ratio', 'mim_patch', 'ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth')
 # keys that mean nothing unless another one is on: NOT_USED then, so that runs differing in them group together
 NOT_USED = '(not used)'
 UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
@@ -564,11 +560,13 @@ SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': Fa
                'edge_norm': False, 'aux_skip': False, 'token_bn': False}
 
 
-def search_defaults():
-    """search.py's flags as it sets them when none is given (imported here, not at the top: search.py imports this
-    file)."""
+def training_flags():
+    """-> (the rest of what a search's result depends on besides SETTING_KEYS: search.py's CONFIG_KEYS less the
+    space, depth and seed, plus how removal chose; search.py's defaults of every flag). Read from search.py, which
+    imports this file (so not at the top), that a flag added there is grouped on here too."""
     import search
-    return search.get_args([])
+    keys = tuple(k for k in search.CONFIG_KEYS if k not in SETTING_KEYS and k not in ('space', 'layers', 'seed'))
+    return keys + ('select_samples',), vars(search.get_args([]))
 
 
 def with_older_flags(settings):
@@ -635,12 +633,12 @@ def mean_std(values):
 def nb201_results(runs):
     """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories)."""
     groups, seen = {}, {}
-    defaults = vars(search_defaults())
+    training_keys, defaults = training_flags()   # a table names them only where its rows differ in them
     for run in dict.fromkeys(os.path.realpath(r) for r in runs):   # a folder named twice counts once
         settings = read_json(os.path.join(run, 'args.json'))
         if not isinstance(settings, dict) or 'method' not in settings or 'seed' not in settings:
             raise RunError(f"'{run}' holds no search.py run (its args.json lacks the method and seed)")
-        settings = {**{k: defaults[k] for k in TRAINING_KEYS}, **with_older_flags(settings)}
+        settings = {**{k: defaults[k] for k in training_keys}, **with_older_flags(settings)}
         history = read_json(os.path.join(run, 'history.json'))
         final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
         if not final or 'nb201' not in final:
@@ -651,14 +649,14 @@ def nb201_results(runs):
         key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k)
                     for k in SETTING_KEYS)
         key += tuple(settings.get(k) if UNUSED_UNLESS.get(k, lambda s: True)(settings) else NOT_USED
-                     for k in TRAINING_KEYS)
+                     for k in training_keys)
         twin = seen.setdefault((key, settings['seed']), run)
         if twin != run:   # a mean over seeds must not count one seed twice
             raise RunError(f"'{twin}' and '{run}' are the same setting and seed: give one of them")
         groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
     # a training flag that differs between the rows is named where it is not search.py's default (the rows would
     # read as one setting twice); one that all rows share, such as the README recipe's decode sizes, is not
-    varying = [(i, k) for i, k in enumerate(TRAINING_KEYS, len(SETTING_KEYS))
+    varying = [(i, k) for i, k in enumerate(training_keys, len(SETTING_KEYS))
                if len({key[i] for key in groups} - {NOT_USED}) > 1]
     rows = []
     for key, g in groups.items():
