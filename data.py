@@ -422,8 +422,7 @@ class GPULoader:
 # ImageNet (class folders, too large for memory): torchvision's pipeline, DARTS's mobile augmentation
 
 def imagenet_loader(root, train, batch_size, workers, distributed=False, seed=0):
-    """DataLoader over root/train or root/val; with distributed=True call loader.sampler.set_epoch(e) each epoch
-    (the sampler's order then follows seed, as the single-process shuffle follows torch's seed)."""
+    """epoch_loader over root/train or root/val, with DARTS's mobile-setting augmentation."""
     tv = _torchvision()
     T = tv.transforms
     folder = os.path.join(os.path.expanduser(os.fspath(root)), 'train' if train else 'val')
@@ -435,11 +434,29 @@ def imagenet_loader(root, train, batch_size, workers, distributed=False, seed=0)
                         T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2), T.ToTensor(), norm])
     else:
         tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    ds = tv.datasets.ImageFolder(folder, tf)
+    return epoch_loader(tv.datasets.ImageFolder(folder, tf), batch_size, workers, train, distributed, seed)
+
+
+def epoch_loader(ds, batch_size, workers, train, distributed=False, seed=0):
+    """A DataLoader whose epochs are begun by set_loader_epoch: epoch e's order, and the random state its workers
+    augment with, then follow (seed, rank, e) alone, so a resumed run reads what an uninterrupted one read. The
+    workers start afresh each epoch for that (a persistent worker's random state carries over the epochs before
+    it): a second or two against an ImageNet epoch's minutes. Without workers the augmentation draws from the
+    main process's generator, which the checkpoint holds."""
     sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=train, seed=seed) if distributed else None
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
-                                       num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=train,
-                                       persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                                         num_workers=workers, pin_memory=torch.cuda.is_available(), drop_last=train,
+                                         generator=torch.Generator())
+    loader.seed = seed
+    return loader
+
+
+def set_loader_epoch(loader, epoch, rank=0):
+    """Begin epoch of an epoch_loader: its shuffle and its workers' seeds (drawn from loader.generator when the
+    epoch's iterator is made), or under torchrun DistributedSampler's order, follow (seed, rank, epoch)."""
+    loader.generator.manual_seed(loader.seed * 10**9 + epoch * 10**4 + rank)
+    if hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
 
 
 # ----------------------------------------------------------------------------------------------

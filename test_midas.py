@@ -1787,7 +1787,7 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
         n = 4 if is_train else 3
         ds = torch.utils.data.TensorDataset(torch.randn(n, 3, 224, 224, generator=g),
                                             torch.randint(0, 1000, (n,), generator=g))
-        return torch.utils.data.DataLoader(ds, batch_size, shuffle=is_train, drop_last=is_train)
+        return data.epoch_loader(ds, batch_size, workers, is_train, distributed, seed)
 
     monkeypatch.setattr(train, 'imagenet_loader', loader)
     save = str(tmp_path / 'run')
@@ -1808,6 +1808,45 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
     whole = train.evaluate(forward, net, [(x[:6], y[:6]), (x[6:], y[6:])], autocast, torch.device('cpu'), 1)
     padded = [(x[:6], y[:6]), (torch.cat([x[6:], x[:3]]), torch.cat([y[6:], y[:3]])), (x[:4], y[:4])]
     assert train.evaluate(forward, net, padded, autocast, torch.device('cpu'), 1, limit=10) == whole
+
+
+class _Jitter(torch.utils.data.Dataset):
+    """Images with a random shift drawn from torch's generator in __getitem__, as torchvision's transforms draw."""
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+def test_epoch_loader_resumes_with_the_same_order_and_augmentation():
+    """ImageNet's loader: an epoch begun by set_loader_epoch reads the same images in the same order with the same
+    augmentation whatever came before it, with worker processes (which, kept from epoch to epoch, carried their
+    random state over) and in the main process alike: a resumed run reads what an uninterrupted one read."""
+    for workers in (2, 0):
+        def epochs(loader, which):
+            out = []
+            for e in which:
+                data.set_loader_epoch(loader, e)
+                out.append(torch.cat([x for x in loader]))
+            return out
+
+        torch.manual_seed(0)
+        whole = epochs(data.epoch_loader(_Jitter(), 4, workers, True, seed=5), range(3))
+        torch.manual_seed(0)
+        resumed = data.epoch_loader(_Jitter(), 4, workers, True, seed=5)
+        epochs(resumed, [0])
+        rng = torch.get_rng_state()   # what the checkpoint of epoch 1 holds, restored in a fresh loader
+        fresh = data.epoch_loader(_Jitter(), 4, workers, True, seed=5)
+        torch.manual_seed(123)
+        torch.set_rng_state(rng)
+        again = epochs(fresh, [1, 2])
+        assert all(torch.equal(a, b) for a, b in zip(whole[1:], again))
+        assert sorted(whole[1].floor().tolist()) == list(range(12))   # each image once
+        assert not torch.equal(whole[1].floor(), whole[2].floor())     # a new order each epoch
+        assert not torch.allclose(whole[1].sort().values, whole[2].sort().values)   # and new augmentation
+        other = epochs(data.epoch_loader(_Jitter(), 4, workers, True, seed=6), [1])
+        assert not torch.equal(other[0], whole[1])
 
 
 def test_train_evaluation_counts_top1_and_top5():

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import DATASETS, GPULoader, imagenet_loader, load_dataset
+from data import DATASETS, GPULoader, imagenet_loader, load_dataset, set_loader_epoch
 from genotypes import genotype_from_json, genotype_to_json, load_genotype
 from model import NB201Network, NetworkCIFAR, NetworkImageNet, count_parameters
 
@@ -667,7 +667,6 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if use_cuda else None)
     train_forward = torch.compile(model) if args.compile else model
     eval_forward = torch.compile(raw) if args.compile else raw
-    sampler = getattr(train_q, 'sampler', None)
 
     steps = len(train_q)
     meter = Throughput((args.epochs - start_epoch) * steps)
@@ -676,8 +675,8 @@ def main(argv=None):
         t_epoch = time.time()
         raw.drop_path_prob = args.drop_path * epoch / args.epochs
         lr = scheduler.get_last_lr()[0]
-        if hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(epoch)
+        if not isinstance(train_q, GPULoader):
+            set_loader_epoch(train_q, epoch, rank)
         raw.train()
         meter.restart()
         train_loss, train_acc = train_epoch(train_forward, params, device_batches(train_q, device), steps, opt,
