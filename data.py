@@ -545,6 +545,13 @@ def _throughput(argv=None):
             ap.exit(2, f"error: --{name.replace('_', '-')} must be at least 1\n")
     if a.cutout < 0:
         ap.exit(2, 'error: --cutout must not be negative\n')
+    try:
+        device = torch.device(a.device)
+    except RuntimeError:
+        ap.exit(2, f"error: --device {a.device}: not a device (cpu, cuda, cuda:1, mps)\n")
+    present = {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(device.type, lambda: True)
+    if not present():
+        ap.exit(2, f"error: --device {a.device}: this torch sees no such device\n")
     torch.set_num_threads(a.threads)
     cfg = DATASETS[a.dataset]
     if a.fake:
@@ -553,7 +560,7 @@ def _throughput(argv=None):
         y = torch.randint(0, cfg['num_classes'], (50000,))
     else:
         x, y = load_dataset(a.dataset, a.data, train=True, download=a.download)
-    loader = GPULoader(x, y, a.batch_size, cfg['mean'], cfg['std'], device=a.device, crop_pad=cfg['crop_pad'],
+    loader = GPULoader(x, y, a.batch_size, cfg['mean'], cfg['std'], device=device, crop_pad=cfg['crop_pad'],
                        cutout=a.cutout, channels_last=a.channels_last)
     sync = torch.cuda.synchronize if loader.device.type == 'cuda' else (lambda: None)
     loader.next_batch()  # warm-up

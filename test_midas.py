@@ -2294,6 +2294,11 @@ def test_data_throughput_tool_bad_input_is_one_line(tmp_path):
     _one_line_error(r, 'cifar-10-batches-py not found', 'https://')
     r = run_script('data.py', '--fake', '--batch-size', '0')
     _one_line_error(r, '--batch-size must be at least 1')
+    r = run_script('data.py', '--fake', '--device', 'gpu')
+    _one_line_error(r, '--device gpu: not a device')
+    if not torch.cuda.is_available():
+        r = run_script('data.py', '--fake', '--device', 'cuda')
+        _one_line_error(r, '--device cuda: this torch sees no such device')
 
 
 def test_fake_datasets_of_a_few_images_load(tmp_path):
