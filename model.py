@@ -8,6 +8,7 @@ MIDAS replaces DARTS's static table alpha by scores computed per input and per s
 `method='darts'` swaps s for a learned table shared by all cells of a type (§6), in the same code.
 Imports ops.py and genotypes.py only, so these three files can be copied into another project.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,23 @@ class ArchConfig:
 # torch.compile traces the plain-op paths below, which its code generator fuses; the autograd Functions are
 # hand-fused kernels for eager mode (torch < 2.3 has no is_compiling: there the Functions are traced too)
 compiling = getattr(torch.compiler, 'is_compiling', lambda: False)
+_plain_paths = False   # set inside twice_differentiable()
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+    """Inside it the supernet takes the plain-op paths it takes under torch.compile: the Functions' backwards
+    are computed without a graph, and a Hessian-vector product differentiates the backward again."""
+    global _plain_paths
+    before, _plain_paths = _plain_paths, True
+    try:
+        yield
+    finally:
+        _plain_paths = before
+
+
+def plain_paths():
+    return _plain_paths or compiling()
 
 
 def grid_size(h, w, patch):
@@ -180,7 +198,7 @@ class _PatchTokens(torch.autograd.Function):
 def patch_tokens(maps, gh, gw, token):
     """Tokens of K candidate maps (B x C x H x W each) -> K x B x gh x gw x C' (C' = 2C for 'meanstd')."""
     h, w = maps[0].shape[-2:]
-    if token == 'meanstd' and h % gh == 0 and w % gw == 0 and not compiling():
+    if token == 'meanstd' and h % gh == 0 and w % gw == 0 and not plain_paths():
         return _PatchTokens.apply((gh, gw), *maps)
     if token == 'meanstd':   # float32 moments under autocast too, as _PatchTokens: E[f^2] - E[f]^2 cancels
         maps = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in maps]
@@ -275,7 +293,7 @@ def mix_node(maps, weights):
     node (weights B' x K x gh x gw, B' = 1 for a static table) at once."""
     h, w = maps[0].shape[-2:]
     gh, gw = weights.shape[-2:]
-    if (h % gh == 0 and w % gw == 0 and not compiling()
+    if (h % gh == 0 and w % gw == 0 and not plain_paths()
             and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)):
         return _MixPatches.apply(weights, *maps)
     x = None   # any other layout: candidate by candidate

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from analyze import MIDAS_ONLY, SETTING_OFF, write_diagrams
 from data import DATASETS, GPULoader, load_dataset, split_indices
 from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, get_space, node_inputs, node_pairs
-from model import ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss
+from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
+                   twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
                    load_checkpoint, restoring, resume_folder, rng_states, run_cli, save_checkpoint, seed_everything,
                    set_rng_states, setup_distributed, started_with, write_json)
@@ -146,6 +147,10 @@ def get_args(argv=None):
     p.add_argument('--select-samples', type=int, default=2048,
                    help='the first N images of the search-val split measure --select perturb (0 = all; '
                         'default %(default)s)')
+    p.add_argument('--hessian-samples', type=int, default=0, metavar='N',
+                   help="after each epoch, the dominant eigenvalue of the Hessian of the search-val loss with respect "
+                        "to the architecture parameters, on the first N search-val images, into history.json "
+                        "(RobustDARTS's sign of a coming collapse; it leaves the search as it is: 0 = off, the default)")
     p.add_argument('--redecode', default=None, metavar='RUN',
                    help="decode RUN/weights.json again (with --decode-none, --nb201-table) and rewrite RUN/genotype.json")
     p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
@@ -160,7 +165,7 @@ def get_args(argv=None):
                    help="continue the run in folder RUN with the flags it was started with (from RUN/args.json); "
                         "a flag given now must agree with them, except --data, --download, --device, --amp, "
                         "--compile, --report-freq, --nb201-table (another machine, another path), --select and "
-                        "--select-samples (the choice at the end)")
+                        "--select-samples (the choice at the end), --hessian-samples (a measurement)")
     args = p.parse_args(argv)
     if args.resume:
         resumed_flags(args, p, argv)
@@ -198,7 +203,7 @@ def check_args(args):
         if not 0 < getattr(args, name) < math.inf:   # NaN fails this too
             raise RunError(f"--{name.replace('_', '-')} must be positive and finite")
     for name in ('lr_min', 'weight_decay', 'arch_weight_decay', 'grad_clip', 'subset', 'arch_warmup', 'decode_samples',
-                 'epoch_decode_samples', 'select_samples'):
+                 'epoch_decode_samples', 'select_samples', 'hessian_samples'):
         if not 0 <= getattr(args, name) < math.inf:
             raise RunError(f"--{name.replace('_', '-')} must be a finite number, not negative")
     if not 0 <= args.momentum < 1:
@@ -532,6 +537,57 @@ def removal_costs(model, batches):
     return out
 
 
+HESSIAN_ITERS = 20   # at most; power iteration stops once the estimate moves by less than 1e-3 of itself
+
+
+def hessian_vector_product(model, arch_params, batches, v):
+    """H v for H the Hessian of the mean cross-entropy over `batches` with respect to arch_params, summed batch by
+    batch (one graph alive at a time). Exact: the supernet's plain-op paths are differentiated twice."""
+    images = sum(len(y) for _, y in batches)
+    out = [torch.zeros_like(p) for p in arch_params]
+    with twice_differentiable():
+        for x, y in batches:
+            loss = F.cross_entropy(model(x).float(), y, reduction='sum') / images
+            grads = torch.autograd.grad(loss, arch_params, create_graph=True, materialize_grads=True)
+            dot = sum((g * u).sum() for g, u in zip(grads, v))
+            for o, h in zip(out, torch.autograd.grad(dot, arch_params, materialize_grads=True)):
+                o += h
+    return out
+
+
+def hessian_eigenvalue(model, arch_params, weights, batches, seed=0, iters=HESSIAN_ITERS):
+    """The Hessian's eigenvalue of largest magnitude (hessian_vector_product's H) by power iteration. RobustDARTS
+    (Zela et al., ICLR 2020) tracks it for DARTS's alpha: it grows as a search heads for parameter-free cells. For
+    MIDAS it is the curvature in W_q, W_k, a parametrisation of its own: compare its course over the epochs, not
+    its size against DARTS's. Read in eval mode (BN's running statistics, as the decode and the selection read
+    the supernet) with the weights held constant; random draws are fenced off, so the search goes on exactly as
+    without it."""
+    batches = list(batches)
+    device = arch_params[0].device
+
+    def norm(vs):
+        return torch.sqrt(sum((u * u).sum() for u in vs))
+
+    g = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(device) for p in arch_params]
+    v = [u / norm(v) for u in v]
+    eig = 0.0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), frozen(weights):
+            for _ in range(iters):
+                hv = hessian_vector_product(model, arch_params, batches, v)
+                eig, last = sum((h * u).sum() for h, u in zip(hv, v)).item(), eig   # v'Hv with |v| = 1
+                size = norm(hv)
+                if size == 0 or abs(eig - last) < 1e-3 * abs(eig):
+                    break
+                v = [h / size for h in hv]
+    finally:
+        model.train(was_training)
+    return eig
+
+
 def decode_costs(costs, args):
     """The genotype of --select perturb from removal_costs' result, by §8's rules read with the costs as weights:
     per edge the candidate that costs most to remove ('none' never: it has no cost), per DARTS-style node the pair
@@ -662,8 +718,9 @@ def main(argv=None):
     val_q = GPULoader(x[val_idx], y[val_idx], args.batch_size, seed=args.seed + 1, **loader_kw)
     decode_q = GPULoader(x[train_idx], y[train_idx], 256, shuffle=False, drop_last=False, augment=False,
                          seed=0, **loader_kw)
+    measure = args.select == 'perturb' or args.hessian_samples   # a device copy of search-val: only when used
     select_q = GPULoader(x[val_idx], y[val_idx], 256, shuffle=False, drop_last=False, augment=False,
-                         seed=0, **loader_kw) if args.select == 'perturb' else None   # a device copy: only when used
+                         seed=0, **loader_kw) if measure else None
     if world > 1:
         train_q.shard(rank, world)
         val_q.shard(rank, world)
@@ -770,6 +827,13 @@ def main(argv=None):
         score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
         if score:
             entry['nb201'] = score
+        if args.hessian_samples and rank == 0:
+            t_h = time.perf_counter()
+            entry['hessian_eig'] = hessian_eigenvalue(model, arch_params, weights,
+                                                      first_images(select_q, args.hessian_samples), args.seed)
+            log(f"epoch {epoch + 1} Hessian's dominant eigenvalue {entry['hessian_eig']:.4g} (architecture "
+                f"parameters, {min(args.hessian_samples, select_q.n)} search-val images, "
+                f"{time.perf_counter() - t_h:.0f} s)")
         history.append(entry)
         log(f'epoch {epoch + 1} genotype {genotype} (smallest decode margin {entry["min_margin"]:.4f})')
         if score:

@@ -793,6 +793,85 @@ def test_removal_costs_are_the_loss_rise_of_each_removal_alone(space):
         assert abs(cut[1]) > 1e-5 and costs[t]['pairs'][3][-1] == pytest.approx(sum(cut), abs=1e-7)
 
 
+def _float64_supernet(method, space='nb201'):
+    model, weights, _, x, y = _step_setup(method, space)
+    model = model.double().to(memory_format=torch.channels_last).eval()
+    return model, weights, x.double().contiguous(memory_format=torch.channels_last), y
+
+
+def _gradient_at(model, params, x, y, shift):
+    """The mean loss's gradient with params moved by shift (then put back), through the supernet's usual paths."""
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, d in zip(params, shift):
+            p.add_(d)
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    return torch.cat([g.flatten() for g in grads])
+
+
+@pytest.mark.parametrize('method', ['midas', 'darts'])
+def test_hessian_vector_product_is_the_gradients_derivative(method):
+    """search.hessian_vector_product, summed over two batches by double backward through the plain-op paths, against
+    central differences of the gradient the hand-fused Functions make (float64)."""
+    model, _, x, y = _float64_supernet(method)
+    params = model.arch_parameters()
+    g = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    v = [u / torch.cat([w.flatten() for w in v]).norm() for u in v]
+    hv = torch.cat([h.flatten() for h in search.hessian_vector_product(model, params, [(x[:5], y[:5]), (x[5:], y[5:])],
+                                                                       v)])
+    eps = 1e-7   # a step that crosses no ReLU's kink: every pre-activation depends on the architecture here
+    fd = (_gradient_at(model, params, x, y, [eps * u for u in v])
+          - _gradient_at(model, params, x, y, [-eps * u for u in v])) / (2 * eps)
+    assert fd.abs().max() > 1e-5   # a curvature to measure
+    assert torch.allclose(hv, fd, rtol=1e-5, atol=1e-7 * fd.abs().max().item())
+
+
+def test_hessian_eigenvalue_is_the_largest_of_the_whole_hessian():
+    """DARTS's NB201 alpha (6 x 5): the full Hessian by central differences of the gradient, one column per
+    parameter; power iteration finds its eigenvalue of largest magnitude, and leaves the weights and the random
+    state as they were."""
+    model, weights, x, y = _float64_supernet('darts')
+    params = model.arch_parameters()
+    n = sum(p.numel() for p in params)
+    eps, cols = 1e-7, []   # larger steps cross ReLU kinks along some axes: 1e-5 is off by 6x on this one
+    for i in range(n):
+        e = torch.zeros(n, dtype=torch.float64)
+        e[i] = eps
+        shift = list(e.split([p.numel() for p in params]))
+        shift = [d.view(p.shape) for d, p in zip(shift, params)]
+        cols.append((_gradient_at(model, params, x, y, shift)
+                     - _gradient_at(model, params, x, y, [-d for d in shift])) / (2 * eps))
+    eigs = torch.linalg.eigvalsh((torch.stack(cols) + torch.stack(cols).T) / 2)
+    largest = eigs[eigs.abs().argmax()].item()
+    state = torch.get_rng_state()
+    model.train()
+    got = search.hessian_eigenvalue(model, params, weights, [(x, y)], seed=0, iters=500)
+    assert got == pytest.approx(largest, rel=2e-3) and abs(largest) > 1e-3
+    assert model.training and all(p.requires_grad for p in weights) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_search_hessian_samples_measures_without_changing_the_search(cifar, tmp_path):
+    runs = []
+    for extra in ([], ['--hessian-samples', '12']):
+        save = str(tmp_path / f'run{len(runs)}')
+        torch.manual_seed(0)
+        arch = search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY[2:], '--epochs', '2', *extra])
+        with open(os.path.join(save, 'history.json')) as f:
+            history = json.load(f)
+        state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)['model']
+        runs.append((arch, history, state))
+    (arch, plain, state), (arch_h, measured, state_h) = runs
+    assert arch == arch_h and all(torch.equal(state[k], state_h[k]) for k in state)
+    assert [h['genotype'] for h in plain] == [h['genotype'] for h in measured]
+    assert all('hessian_eig' not in h for h in plain)
+    eig = [h['hessian_eig'] for h in measured]
+    assert len(eig) == 2 and all(math.isfinite(e) and e != 0 for e in eig) and eig[0] != eig[1]
+
+
 @pytest.mark.parametrize('space', ['nb201', 'darts'])
 def test_select_perturb_picks_what_costs_most_to_remove_and_a_finished_run_chooses_again(cifar, tmp_path, space):
     save = str(tmp_path / 'run')
