@@ -668,11 +668,17 @@ def nb201_results(runs):
         trajectory = ' → '.join(mean_std(tests).split(' ±')[0] if None not in tests else '–'
                                 for tests in ([h[e].get('nb201', {}).get('test') for _, _, h in runs_]
                                               for e in range(epochs)))
+        eigs = [[h[e].get('hessian_eig') for _, _, h in runs_] for e in range(epochs)]
+        curvature = ' → '.join(f'{np.mean(v):.3g}' if None not in v else '–' for v in eigs)
         rows.append([name, budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
                      mean_std([f['nb201']['valid'] for _, f, _ in runs_]), mean_std([f['nb201']['test'] for _, f, _ in runs_]),
-                     trajectory])
+                     trajectory, curvature])
     # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
-    return table(['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch (§8 weights)'], rows)
+    header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch (§8 weights)',
+              "mean Hessian eigenvalue by epoch (--hessian-samples)"]
+    if all(set(row[-1]) <= set('– →') for row in rows):   # no run measured it: no column
+        header, rows = header[:-1], [row[:-1] for row in rows]
+    return table(header, rows)
 
 
 MAX_MOSAIC_IMAGES = 64

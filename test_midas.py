@@ -2321,6 +2321,14 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 lr 0.1 | {budget} | 1 | 10.00 | 15.00 | 14.00 → 15.00 |' in text
     assert f'| midas patch 4 decode-none include | {budget} | 0 | 5.00 | 8.00 | – → 8.00 |' in text
     assert search.get_args([]).detach_mixing is False   # what the name leaves unsaid
+    assert 'Hessian' not in text   # no run measured it
+    for k, eigs in ((2, [0.1, 0.5]), (9, [0.3, 0.7])):   # --hessian-samples: a column of its own, by epoch
+        (tmp_path / f'r{k}' / 'history.json').write_text(json.dumps(
+            [{'epoch': e + 1, 'nb201': {'valid': 87.0 + e, 'test': 90.0 + e}, 'hessian_eig': v} for e, v in enumerate(eigs)]))
+    text = analyze.nb201_results([runs[0], runs[2], runs[9]])
+    assert 'mean Hessian eigenvalue by epoch' in text
+    assert f'| darts | {budget} | 2,9 | 88.00 ± 0.00 | 91.00 ± 0.00 | 90.00 → 91.00 | 0.2 → 0.6 |' in text
+    assert f'| midas patch 4 | {budget} | 0 | 90.00 | 93.00 | 92.00 → 93.00 | – → – |' in text
 
 
 # ---------------------------------------------------------------------------------------------
