@@ -148,8 +148,8 @@ def get_args(argv=None):
                    help='the first N images of the search-val split measure --select perturb (0 = all; '
                         'default %(default)s)')
     p.add_argument('--hessian-samples', type=int, default=0, metavar='N',
-                   help="after each epoch, the dominant eigenvalue of the Hessian of the search-val loss with respect "
-                        "to the architecture parameters, on the first N search-val images, into history.json "
+                   help="after each epoch, the largest eigenvalue (in magnitude) of the Hessian of the search-val "
+                        "loss in the architecture parameters, on the first N search-val images, into history.json "
                         "(RobustDARTS's sign of a coming collapse; it leaves the search as it is: 0 = off, the default)")
     p.add_argument('--redecode', default=None, metavar='RUN',
                    help="decode RUN/weights.json again (with --decode-none, --nb201-table) and rewrite RUN/genotype.json")
@@ -831,7 +831,7 @@ def main(argv=None):
             t_h = time.perf_counter()
             entry['hessian_eig'] = hessian_eigenvalue(model, arch_params, weights,
                                                       first_images(select_q, args.hessian_samples), args.seed)
-            log(f"epoch {epoch + 1} Hessian's dominant eigenvalue {entry['hessian_eig']:.4g} (architecture "
+            log(f"epoch {epoch + 1} Hessian's largest eigenvalue {entry['hessian_eig']:.4g} (architecture "
                 f"parameters, {min(args.hessian_samples, select_q.n)} search-val images, "
                 f"{time.perf_counter() - t_h:.0f} s)")
         history.append(entry)
