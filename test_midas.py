@@ -1295,7 +1295,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
 # what may change on --resume (README: another machine, another path, the choice at the end) and the commands
 # that are no search at all; every other flag is the run's configuration, which a checkpoint must agree on
 SEARCH_RUNTIME_FLAGS = {'data', 'save', 'download', 'device', 'amp', 'compile', 'report_freq', 'nb201_table',
-                        'resume', 'redecode', 'select', 'select_samples'}
+                        'resume', 'redecode', 'select', 'select_samples', 'hessian_samples'}
 
 
 def test_every_search_flag_is_configuration_or_runtime():
