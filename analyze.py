@@ -676,7 +676,7 @@ def nb201_results(runs):
     # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
     header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch (§8 weights)',
               "mean Hessian eigenvalue by epoch (--hessian-samples)"]
-    if all(set(row[-1]) <= set('– →') for row in rows):   # no run measured it: no column
+    if not any('hessian_eig' in e for g in groups.values() for _, _, h in g['runs'] for e in h):   # none measured it
         header, rows = header[:-1], [row[:-1] for row in rows]
     return table(header, rows)
 
