@@ -36,6 +36,7 @@ class ArchConfig:
     score_bias: bool = False   # a learned scalar on each live candidate's score: an alpha inside MIDAS (a deviation)
     share_attention: bool = False  # the cells of a stage share one attention per node, as DARTS's alpha (a deviation)
     token_bn: bool = False     # tokens of parameter-free candidates without a final BN standardised as if they had one
+    decorrelate: bool = False  # each candidate's mean score from the mean query and key: no query-key covariance
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -430,6 +431,8 @@ class NodeAttention(nn.Module):
             if self.cfg.token_norm:
                 tokens = F.layer_norm(tokens, tokens.shape[-1:])
             scores = (tokens * qk).sum(-1)                                       # K B gh gw
+            if self.cfg.decorrelate:
+                scores = decorrelated(scores, (tokens.mean((1, 2, 3)) * qk.mean((0, 1, 2))).sum(-1))
         if self.key_offset is not None:
             scores = scores + (q @ self.key_offset.t()).permute(3, 0, 1, 2)
         if self.score_bias is not None:   # times sqrt(d): b is in logit units, as DARTS's alpha
@@ -447,7 +450,22 @@ class NodeAttention(nn.Module):
         edges = edges.reshape(self.n_inputs, b, gh, gw, -1)                                  # E B gh gw (L C')
         edges = F.layer_norm(edges, edges.shape[-1:])
         scores = (edges.view(self.n_inputs, b, gh, gw, -1, c) * qk.unsqueeze(-2)).sum(-1)  # E B gh gw L
-        return scores.permute(0, 4, 1, 2, 3).reshape(k, b, gh, gw)
+        scores = scores.permute(0, 4, 1, 2, 3).reshape(k, b, gh, gw)
+        if self.cfg.decorrelate:
+            keys = edges.mean((1, 2, 3)).view(k, c)                                          # K C'
+            scores = decorrelated(scores, (keys * qk.mean((0, 1, 2))).sum(-1))
+        return scores
+
+
+def decorrelated(scores, matched_means):
+    """--decorrelate: scores K x B x gh x gw whose mean over the batch and the patches, per candidate, is
+    matched_means (K: the batch's mean query against each candidate's mean key), each input's and patch's
+    deviation from it kept. A score's mean over the batch is the mean query against the mean key plus the
+    covariance of query and key; the identity's key is its input, the very thing the query is made of, so its
+    covariance is a self-match that grows with whatever the arch step makes of W_q and W_k, whether or not skip
+    helps the loss (avg-pool's key, a blur of the input, shares it: RESULTS.md, twenty-fourth round). With one
+    image and one patch there is no covariance to tell apart and the scores are the plain ones."""
+    return scores - scores.mean((1, 2, 3), keepdim=True) + matched_means.view(-1, 1, 1, 1)
 
 
 _PAIR_TABLES = {}

@@ -32,7 +32,7 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_se
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
-               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'dataset',
+               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'decorrelate', 'dataset',
                'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
                'unrolled', 'lr', 'lr_min',
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
@@ -88,6 +88,11 @@ def get_args(argv=None):
                    help="standardise the tokens of skip and NB201's avg-pool by their input's batch mean and std, as "
                         "a BN standardises every other candidate's map: their tokens stop growing with depth and so "
                         "stop taking the larger scores (default %(default)s)")
+    p.add_argument('--decorrelate', action=argparse.BooleanOptionalAction, default=ArchConfig.decorrelate,
+                   help="each candidate's mean score over the batch and patches is the mean query's against its mean "
+                        "key, each input's and patch's deviation kept: the query-key covariance, in which the identity "
+                        "(its key is the node's input, as the query is) matches itself, no longer scores (a deviation; "
+                        "default %(default)s)")
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
                    help="weight step: the mixing weights are constants, as DARTS's alpha, and MIDAS's operations are "
                         "not trained to steer the attention on the weights' split (default: the whole gradient)")

@@ -442,6 +442,33 @@ def test_edge_norm_keeps_the_scale_that_tells_skip_from_avg_pool():
     torch.testing.assert_close(edge(z, t2)[4:], s_edge[4:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize('edge_norm', [True, False])
+def test_decorrelate_scores_a_candidate_by_the_mean_query_against_its_mean_key(edge_norm):
+    """--decorrelate: per candidate, the scores' mean over the batch and the patches is <mean query, mean key>, and
+    each image's and patch's deviation from that mean is the plain scores' deviation. The identity's token, made of
+    the query's own input, takes the query-key covariance with it; one image on a 1 x 1 grid has none to remove."""
+    torch.manual_seed(0)
+    plain = NodeAttention(2, 4, ArchConfig(edge_norm=edge_norm), 8)
+    dec = NodeAttention(2, 4, ArchConfig(edge_norm=edge_norm, decorrelate=True), 8)
+    dec.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 8, 2, 2, generator=g)
+    t = torch.randn(8, 6, 2, 2, 8, generator=g)              # two edges of four live candidates, edge-major
+    t[0] = z[:, :4].permute(0, 2, 3, 1).repeat(1, 1, 1, 2)   # a skip: its token is the query's first input
+    s, d = plain(z, t), dec(z, t)
+    torch.testing.assert_close(d - d.mean((1, 2, 3), keepdim=True), s - s.mean((1, 2, 3), keepdim=True))
+    if edge_norm:   # the keys as the scores read them: each edge's candidates normalised together
+        keys = F.layer_norm(t.view(2, 4, 6, 2, 2, 8).permute(0, 2, 3, 4, 1, 5).reshape(2, 6, 2, 2, 32), (32,))
+        keys = keys.view(2, 6, 2, 2, 4, 8).permute(0, 4, 1, 2, 3, 5).reshape(8, 6, 2, 2, 8)
+    else:
+        keys = F.layer_norm(t, (8,))
+    qk = plain.w_q(F.layer_norm(z.permute(0, 2, 3, 1), (8,))) @ plain.w_k.weight
+    matched = (keys.mean((1, 2, 3)) * qk.mean((0, 1, 2))).sum(-1) / math.sqrt(ArchConfig().attn_dim)
+    torch.testing.assert_close(d.mean((1, 2, 3)), matched)
+    assert not torch.allclose(s.mean((1, 2, 3)), matched, atol=1e-3)   # the plain means hold the covariance too
+    torch.testing.assert_close(dec(z[:1, :, :1, :1], t[:, :1, :1, :1]), plain(z[:1, :, :1, :1], t[:, :1, :1, :1]))
+
+
 def test_token_bn_makes_the_scores_blind_to_the_scale_of_a_cells_input():
     """--token-bn: the identity's and avg-pool's tokens standardised by their state's batch statistics, as a BN
     standardises every conv's map. A cell's input scaled by 40 (what depth does to NB201's states) then leaves
@@ -1281,7 +1308,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
     old = ['--no-edge-norm']   # the one of them on by default today
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--share-attention', '--detach-mixing',
-                 '--edge-norm', '--aux-skip', '--token-bn'):
+                 '--edge-norm', '--aux-skip', '--token-bn', '--decorrelate'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
