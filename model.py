@@ -460,10 +460,10 @@ class NodeAttention(nn.Module):
 def decorrelated(scores, matched_means):
     """--decorrelate: scores K x B x gh x gw whose mean over the batch and the patches, per candidate, is
     matched_means (K: the batch's mean query against each candidate's mean key), each input's and patch's
-    deviation from it kept. A score's mean over the batch is the mean query against the mean key plus the
-    covariance of query and key; the identity's key is its input, the very thing the query is made of, so its
-    covariance is a self-match that grows with whatever the arch step makes of W_q and W_k, whether or not skip
-    helps the loss (avg-pool's key, a blur of the input, shares it: RESULTS.md, twenty-fourth round). With one
+    deviation from it kept. A plain score's mean is the mean query against the mean key plus the covariance of
+    query and key over images and patches. The identity's key is made of its input, the very thing the query is
+    made of (avg-pool's of a blur of it), so for them the covariance is a self-match: a W_q and W_k whose product
+    grows along the input's directions raise both for every image (RESULTS.md, twenty-fourth round). With one
     image and one patch there is no covariance to tell apart and the scores are the plain ones."""
     return scores - scores.mean((1, 2, 3), keepdim=True) + matched_means.view(-1, 1, 1, 1)
 
