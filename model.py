@@ -432,7 +432,7 @@ class NodeAttention(nn.Module):
                 tokens = F.layer_norm(tokens, tokens.shape[-1:])
             scores = (tokens * qk).sum(-1)                                       # K B gh gw
             if self.cfg.decorrelate:
-                scores = decorrelated(scores, (tokens.mean((1, 2, 3)) * qk.mean((0, 1, 2))).sum(-1))
+                scores = decorrelated(scores, tokens.mean((1, 2, 3)), qk)
         if self.key_offset is not None:
             scores = scores + (q @ self.key_offset.t()).permute(3, 0, 1, 2)
         if self.score_bias is not None:   # times sqrt(d): b is in logit units, as DARTS's alpha
@@ -452,20 +452,21 @@ class NodeAttention(nn.Module):
         scores = (edges.view(self.n_inputs, b, gh, gw, -1, c) * qk.unsqueeze(-2)).sum(-1)  # E B gh gw L
         scores = scores.permute(0, 4, 1, 2, 3).reshape(k, b, gh, gw)
         if self.cfg.decorrelate:
-            keys = edges.mean((1, 2, 3)).view(k, c)                                          # K C'
-            scores = decorrelated(scores, (keys * qk.mean((0, 1, 2))).sum(-1))
+            scores = decorrelated(scores, edges.mean((1, 2, 3)).view(k, c), qk)
         return scores
 
 
-def decorrelated(scores, matched_means):
-    """--decorrelate: scores K x B x gh x gw whose mean over the batch and the patches, per candidate, is
-    matched_means (K: the batch's mean query against each candidate's mean key), each input's and patch's
-    deviation from it kept. A plain score's mean is the mean query against the mean key plus the covariance of
-    query and key over images and patches. The identity's key is made of its input, the very thing the query is
-    made of (avg-pool's of a blur of it), so for them the covariance is a self-match: a W_q and W_k whose product
-    grows along the input's directions raise both for every image (RESULTS.md, twenty-fourth round). With one
-    image and one patch there is no covariance to tell apart and the scores are the plain ones."""
-    return scores - scores.mean((1, 2, 3), keepdim=True) + matched_means.view(-1, 1, 1, 1)
+def decorrelated(scores, mean_keys, qk):
+    """--decorrelate: scores K x B x gh x gw whose mean over the batch and the patches, per candidate, is the
+    batch's mean query (qk: B x gh x gw x C') against the candidate's mean key (mean_keys: K x C', the keys as
+    the scores read them), each input's and patch's deviation from it kept. A plain score's mean is the mean
+    query against the mean key plus the covariance of query and key over images and patches. The identity's key
+    is made of its input, the very thing the query is made of (avg-pool's of a blur of it), so for them the
+    covariance is a self-match: a W_q and W_k whose product grows along the input's directions raise both for
+    every image (RESULTS.md, twenty-fourth round). With one image and one patch there is no covariance to tell
+    apart and the scores are the plain ones."""
+    matched = (mean_keys * qk.mean((0, 1, 2))).sum(-1)                                          # K
+    return scores - scores.mean((1, 2, 3), keepdim=True) + matched.view(-1, 1, 1, 1)
 
 
 _PAIR_TABLES = {}
