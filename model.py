@@ -464,7 +464,8 @@ def decorrelated(scores, mean_keys, qk):
     is made of its input, the very thing the query is made of (avg-pool's of a blur of it), so for them the
     covariance is a self-match: a W_q and W_k whose product grows along the input's directions raise both for
     every image (RESULTS.md, twenty-fourth round). With one image and one patch there is no covariance to tell
-    apart and the scores are the plain ones."""
+    apart and the scores are the plain ones. The means are the batch's in eval mode too, as --token-bn's statistics
+    are: an image's weights depend on the batch it is read in (§8's decode reads batches of 256)."""
     matched = (mean_keys * qk.mean((0, 1, 2))).sum(-1)                                          # K
     return scores - scores.mean((1, 2, 3), keepdim=True) + matched.view(-1, 1, 1, 1)
 
