@@ -486,8 +486,21 @@ def load_analysis(path):
     raise RunError(f"no analysis.json for '{path}': run `python analyze.py report --run {path}` first")
 
 
+def seed_groups(analyses):
+    """Runs of one setting, budget and analysis that differ in their seed alone: -> [[analysis, ...], ...] of
+    two runs or more, so that compare can put a mean and spread over seeds beside the single runs."""
+    groups = {}
+    for a in analyses:
+        setting = {k: v for k, v in a['settings'].items() if k != 'seed'}
+        key = json.dumps([setting, a.get('split'), a.get('samples')], sort_keys=True)
+        groups.setdefault(key, []).append(a)
+    return [g for g in groups.values()
+            if len(g) > 1 and len({a['settings'].get('seed') for a in g} - {None}) == len(g)]
+
+
 def compare_markdown(analyses):
-    """One table per statistic: a row per run, a column per search cell, and their mean."""
+    """One table per statistic: a row per run, a column per search cell, and their mean; then, for runs that
+    differ in their seed alone, a row of the mean ± population std over those seeds."""
     n_cells = max(len(a['cells']) for a in analyses)
     # the column's cell type where every run agrees on it (a DARTS-space and an NB201 run, or different --layers,
     # put reductions at different places); the grid table gives each run's own
@@ -513,6 +526,13 @@ def compare_markdown(analyses):
                 values = [fmt(c[key]) for c in a['cells']] + ['–'] * (n_cells - len(a['cells']))
                 values.append(fmt(a['summary'][key]))
             rows.append([a['name'], s['method'], s.get('patch') if s['method'] == 'midas' else '–'] + values)
+        if key != 'grid':
+            for group in seed_groups(analyses):
+                s = group[0]['settings']
+                values = [mean_std([c['cells'][i][key] for c in group if i < len(c['cells'])], 4)
+                          for i in range(n_cells)] + [mean_std([c['summary'][key] for c in group], 4)]
+                rows.append([f"mean ± std of {', '.join(a['name'] for a in group)}", s['method'],
+                             s.get('patch') if s['method'] == 'midas' else '–'] + values)
         md.append(f'**{caption}**\n\n' + table(header + ([] if key == 'grid' else ['mean']), rows))
     return '\n'.join(md)
 
@@ -623,12 +643,12 @@ def budget_name(s):
     return f"{s.get('epochs')} ep, {s.get('init_channels')} ch, {s.get('cells')} cell/stage, {images}"
 
 
-def mean_std(values):
+def mean_std(values, digits=2):
     values = [v for v in values if v is not None]
     if not values:
         return '–'
     a = np.array(values, dtype=float)
-    return f'{a.mean():.2f} ± {a.std():.2f}' if len(a) > 1 else f'{a[0]:.2f}'
+    return f'{a.mean():.{digits}f} ± {a.std():.{digits}f}' if len(a) > 1 else f'{a[0]:.{digits}f}'
 
 
 def nb201_results(runs):
@@ -710,7 +730,8 @@ def get_args(argv=None):
         if name == 'report':
             s.add_argument('--samples', type=int, default=512, help='images the statistics are taken over (at least 4)')
             s.add_argument('--bins', type=int, default=10, help='histogram bins')
-    c = sub.add_parser('compare', help='Markdown table of the discrimination per cell of several reported runs')
+    c = sub.add_parser('compare', help='Markdown table of the discrimination per cell of several reported runs, '
+                                       'with the mean +- std of the runs that differ in their seed alone')
     c.add_argument('runs', nargs='+', help='run folders (with analysis/analysis.json) or analysis.json files')
     c.add_argument('--out', default=None, help='also write the table to this Markdown file')
     n = sub.add_parser('nb201', help='mean +- std of the NAS-Bench-201 accuracy of searched cells, by setting')

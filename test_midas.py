@@ -1510,6 +1510,17 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
                                 'cells': [dict(cell=i, type=t, grid=[2, 2], **stats) for i, t in enumerate(types)]}
     text = analyze.compare_markdown([fake('a', ['normal', 'normal']), fake('b', ['normal', 'reduce', 'reduce'])])
     assert '| cell 0 (normal) | cell 1 | cell 2 (reduce) |' in text and '| 2x2 (normal) | 2x2 (reduce) |' in text
+    # runs that differ in their seed alone get a row of their mean ± std per statistic (not for the grid); another
+    # setting, or one seed given twice, does not
+    def seeded(name, seed, patch, entropy):
+        s = dict(stats, entropy=entropy)
+        return {'name': name, 'settings': {'method': 'midas', 'patch': patch, 'seed': seed}, 'summary': s,
+                'cells': [dict(cell=0, type='normal', grid=[2, 2], **s)]}
+    text = analyze.compare_markdown([seeded('s0', 0, 4, 0.5), seeded('s1', 1, 4, 0.7), seeded('q0', 0, 8, 0.9)])
+    assert '| mean ± std of s0, s1 | midas | 4 | 0.6000 ± 0.1000 | 0.6000 ± 0.1000 |' in text
+    assert '| mean ± std of s0, s1 | midas | 4 | 0.1000 ± 0.0000 | 0.1000 ± 0.0000 |' in text   # the margins
+    assert text.count('mean ± std of') == 5 and 'q0,' not in text
+    assert 'mean ± std' not in analyze.compare_markdown([seeded('s0', 0, 4, 0.5), seeded('again', 0, 4, 0.7)])
     assert analyze.budget_name({'epochs': 1, 'init_channels': 4, 'cells': 1, 'subset': 512}).endswith(', 512 img')
     # a run older than --edge-norm (neither its args.json nor its checkpoint name it) is rebuilt as it ran
     assert model.cfg.edge_norm
