@@ -478,6 +478,12 @@ def decode_weights(result, args):
 
 
 @torch.no_grad()
+def at_least_float32(logits):
+    """bf16 logits (autocast) in float32; float64 ones kept: a float64 supernet's Hessian must not be rounded to
+    float32 halfway (it was, and test_hessian_vector_product_... failed by 1.3x its tolerance on an AVX-512 host)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def removal_costs(model, batches):
     """Perturbation-based selection (DARTS-PT: Wang et al., ICLR 2021), one shot, without fine-tuning: how much the
     supernet's mean loss on `batches` rises when a live candidate is taken out of its edge (its score -inf, so its
@@ -494,7 +500,7 @@ def removal_costs(model, batches):
     space = model.space
 
     def loss():
-        total = sum(F.cross_entropy(model(x).float(), y, reduction='sum') for x, y in batches)
+        total = sum(F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches)
         return total.item() / images
 
     types = cell_types(model.kind)
@@ -552,7 +558,7 @@ def hessian_vector_product(model, arch_params, batches, v):
     out = [torch.zeros_like(p) for p in arch_params]
     with twice_differentiable():
         for x, y in batches:
-            loss = F.cross_entropy(model(x).float(), y, reduction='sum') / images
+            loss = F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') / images
             grads = torch.autograd.grad(loss, arch_params, create_graph=True, materialize_grads=True)
             dot = sum((g * u).sum() for g, u in zip(grads, v))
             for o, h in zip(out, torch.autograd.grad(dot, arch_params, materialize_grads=True)):
