@@ -477,13 +477,13 @@ def decode_weights(result, args):
     return genotype, {'weights': result, 'margins': margins}
 
 
-@torch.no_grad()
 def at_least_float32(logits):
     """bf16 logits (autocast) in float32; float64 ones kept: a float64 supernet's Hessian must not be rounded to
     float32 halfway (it was, and test_hessian_vector_product_... failed by 1.3x its tolerance on an AVX-512 host)."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+@torch.no_grad()
 def removal_costs(model, batches):
     """Perturbation-based selection (DARTS-PT: Wang et al., ICLR 2021), one shot, without fine-tuning: how much the
     supernet's mean loss on `batches` rises when a live candidate is taken out of its edge (its score -inf, so its
