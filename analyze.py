@@ -498,6 +498,11 @@ def seed_groups(analyses):
             if len(g) > 1 and len({a['settings'].get('seed') for a in g} - {None}) == len(g)]
 
 
+def method_patch(settings):
+    """A compare row's method and patch columns (no patch for DARTS)."""
+    return settings['method'], settings.get('patch') if settings['method'] == 'midas' else '–'
+
+
 def compare_markdown(analyses):
     """One table per statistic: a row per run, a column per search cell, and their mean; then, for runs that
     differ in their seed alone, a row of the mean ± population std over those seeds."""
@@ -513,26 +518,25 @@ def compare_markdown(analyses):
         ('class_eta2', 'Class-awareness: η² of the per-image weights by class (no class effect: about '
                        '(classes - 1) / (images - 1))'),
         ('unimodal_share', 'Share of unimodal per-op weight distributions (Sarle b < 5/9)')]
+    groups = seed_groups(analyses)
     md = []
     for key, caption in metrics:
         header = ['run', 'method', 'patch'] + column
         rows = []
         for a in analyses:
-            s = a['settings']
             if key == 'grid':
                 values = (['{}x{} ({})'.format(*c['grid'], c['type']) for c in a['cells']]
                           + [''] * (n_cells - len(a['cells'])))
             else:
                 values = [fmt(c[key]) for c in a['cells']] + ['–'] * (n_cells - len(a['cells']))
                 values.append(fmt(a['summary'][key]))
-            rows.append([a['name'], s['method'], s.get('patch') if s['method'] == 'midas' else '–'] + values)
+            rows.append([a['name'], *method_patch(a['settings'])] + values)
         if key != 'grid':
-            for group in seed_groups(analyses):
-                s = group[0]['settings']
+            for group in groups:
                 values = [mean_std([c['cells'][i][key] for c in group if i < len(c['cells'])], 4)
                           for i in range(n_cells)] + [mean_std([c['summary'][key] for c in group], 4)]
-                rows.append([f"mean ± std of {', '.join(a['name'] for a in group)}", s['method'],
-                             s.get('patch') if s['method'] == 'midas' else '–'] + values)
+                rows.append([f"mean ± std of {', '.join(a['name'] for a in group)}",
+                             *method_patch(group[0]['settings'])] + values)
         md.append(f'**{caption}**\n\n' + table(header + ([] if key == 'grid' else ['mean']), rows))
     return '\n'.join(md)
 
