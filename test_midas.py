@@ -789,7 +789,11 @@ def test_removal_costs_are_the_loss_rise_of_each_removal_alone(space):
     net = SearchNetwork(space, 4, 10, 3, 1, ArchConfig())
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g))]
+    grad_modes = []   # the removals are forward passes only: a graph built for each would be memory for nothing
+    hook = net.register_forward_hook(lambda module, inputs, output: grad_modes.append(torch.is_grad_enabled()))
     costs = search.removal_costs(net, batches)
+    hook.remove()
+    assert len(grad_modes) == costs['removals'] + 1 and not any(grad_modes)
     assert net.training and net.removed is None   # left as it was
     net.eval()
     types = G.cell_types(net.kind)
