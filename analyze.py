@@ -568,9 +568,9 @@ def run_genotype(run):
 # NAS-Bench-201 results of several runs (search.py --nb201-table): one row per setting, mean +- std
 
 SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm', 'tau', 'attn_dim', 'key_offset',
-                'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'decorrelate', 'detach_mixing', 'mim',
-                'mean_shift', 'arch_warmup', 'aux_skip', 'unrolled', 'arch_lr', 'epochs', 'init_channels', 'cells',
-                'subset', 'dataset', 'select')
+                'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'decorrelate', 'decorrelate_free',
+                'detach_mixing', 'mim', 'mean_shift', 'arch_warmup', 'aux_skip', 'unrolled', 'arch_lr', 'epochs',
+                'init_channels', 'cells', 'subset', 'dataset', 'select')
 # keys that mean nothing unless another one is on: NOT_USED then, so that runs differing in them group together
 NOT_USED = '(not used)'
 UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
@@ -581,7 +581,8 @@ UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
 # --resume rebuilds them so (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
                'token_before_bn': False, 'score_bias': False, 'share_attention': False, 'detach_mixing': False,
-               'edge_norm': False, 'aux_skip': False, 'token_bn': False, 'decorrelate': False}
+               'edge_norm': False, 'aux_skip': False, 'token_bn': False, 'decorrelate': False,
+               'decorrelate_free': False}
 
 
 def training_flags():
@@ -605,7 +606,7 @@ MIDAS_LABELS = {'token': lambda v: f' token {v}', 'token_norm': lambda v: ' no-L
                 'attn_dim': lambda v: f' attn-dim {v}', 'key_offset': lambda v: ' key-offset',
                 'token_before_bn': lambda v: ' token before BN', 'score_bias': lambda v: ' score-bias',
                 'share_attention': lambda v: ' shared attention', 'token_bn': lambda v: ' token-bn',
-                'decorrelate': lambda v: ' decorrelated'}
+                'decorrelate': lambda v: ' decorrelated', 'decorrelate_free': lambda v: ' decorrelated free'}
 
 # flags that change nothing for --method darts: darts runs group whatever they were given
 MIDAS_ONLY = ('patch', *MIDAS_LABELS, 'detach_mixing')

@@ -9,6 +9,7 @@ MIDAS replaces DARTS's static table alpha by scores computed per input and per s
 Imports ops.py and genotypes.py only, so these three files can be copied into another project.
 """
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ class ArchConfig:
     share_attention: bool = False  # the cells of a stage share one attention per node, as DARTS's alpha (a deviation)
     token_bn: bool = False     # tokens of parameter-free candidates without a final BN standardised as if they had one
     decorrelate: bool = False  # each candidate's mean score from the mean query and key: no query-key covariance
+    decorrelate_free: bool = False  # the same for the parameter-free candidates alone (identity, pools)
 
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
@@ -406,10 +408,18 @@ class NodeAttention(nn.Module):
     each also has a scalar b added to its score, the same for every input and patch: a static DARTS alpha per
     node, so the tie can be broken by the gradient that breaks it in DARTS."""
 
-    def __init__(self, n_inputs, C, cfg, n_keys):
+    def __init__(self, n_inputs, C, cfg, n_keys, free_keys=None):
+        """free_keys: per key, whether its candidate is parameter-free (--decorrelate-free decorrelates those)."""
         super().__init__()
         token_dim = 2 * C if cfg.token == 'meanstd' else C
         self.cfg, self.n_inputs = cfg, n_inputs
+        # the keys whose scores lose the query-key covariance: None (none), True (all) or a K bool mask
+        self.decorrelated_keys = True if cfg.decorrelate else None
+        if cfg.decorrelate_free and not cfg.decorrelate:
+            if free_keys is None or len(free_keys) != n_keys:
+                raise ValueError('--decorrelate-free needs to know which of the keys are parameter-free')
+            self.register_buffer('free_mask', torch.tensor(free_keys, dtype=torch.bool), persistent=False)
+            self.decorrelated_keys = self.free_mask
         self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
         self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
         self.key_offset = nn.Parameter(torch.zeros(n_keys, cfg.attn_dim)) if cfg.key_offset else None
@@ -431,8 +441,8 @@ class NodeAttention(nn.Module):
             if self.cfg.token_norm:
                 tokens = F.layer_norm(tokens, tokens.shape[-1:])
             scores = (tokens * qk).sum(-1)                                       # K B gh gw
-            if self.cfg.decorrelate:
-                scores = decorrelated(scores, tokens.mean((1, 2, 3)), qk)
+            if self.decorrelated_keys is not None:
+                scores = decorrelated(scores, tokens.mean((1, 2, 3)), qk, self.decorrelated_keys)
         if self.key_offset is not None:
             scores = scores + (q @ self.key_offset.t()).permute(3, 0, 1, 2)
         if self.score_bias is not None:   # times sqrt(d): b is in logit units, as DARTS's alpha
@@ -451,12 +461,12 @@ class NodeAttention(nn.Module):
         edges = F.layer_norm(edges, edges.shape[-1:])
         scores = (edges.view(self.n_inputs, b, gh, gw, -1, c) * qk.unsqueeze(-2)).sum(-1)  # E B gh gw L
         scores = scores.permute(0, 4, 1, 2, 3).reshape(k, b, gh, gw)
-        if self.cfg.decorrelate:
-            scores = decorrelated(scores, edges.mean((1, 2, 3)).view(k, c), qk)
+        if self.decorrelated_keys is not None:
+            scores = decorrelated(scores, edges.mean((1, 2, 3)).view(k, c), qk, self.decorrelated_keys)
         return scores
 
 
-def decorrelated(scores, mean_keys, qk):
+def decorrelated(scores, mean_keys, qk, keys=True):
     """--decorrelate: scores K x B x gh x gw whose mean over the batch and the patches, per candidate, is the
     batch's mean query (qk: B x gh x gw x C') against the candidate's mean key (mean_keys: K x C', the keys as
     the scores read them), each input's and patch's deviation from it kept. A plain score's mean is the mean
@@ -465,9 +475,11 @@ def decorrelated(scores, mean_keys, qk):
     covariance is a self-match: a W_q and W_k whose product grows along the input's directions raise both for
     every image (RESULTS.md, twenty-fourth round). With one image and one patch there is no covariance to tell
     apart and the scores are the plain ones. The means are the batch's in eval mode too, as --token-bn's statistics
-    are: an image's weights depend on the batch it is read in (§8's decode reads batches of 256)."""
+    are: an image's weights depend on the batch it is read in (§8's decode reads batches of 256). keys: True, or a
+    K bool mask of the candidates to decorrelate (--decorrelate-free), the others' scores left as they are."""
     matched = (mean_keys * qk.mean((0, 1, 2))).sum(-1)                                          # K
-    return scores - scores.mean((1, 2, 3), keepdim=True) + matched.view(-1, 1, 1, 1)
+    out = scores - scores.mean((1, 2, 3), keepdim=True) + matched.view(-1, 1, 1, 1)
+    return out if keys is True else torch.where(keys.view(-1, 1, 1, 1), out, scores)
 
 
 _PAIR_TABLES = {}
@@ -528,8 +540,11 @@ class SearchCell(nn.Module):
             for i in inputs:
                 stride = 2 if reduction and i < 2 and kind == 'darts' else 1
                 self._ops.append(MixedOp(C, stride, edge_ops[len(self._ops)], bn_after_pool=kind == 'darts'))
+        firsts = [0, *itertools.accumulate(len(inputs) for _, inputs in self.nodes)]   # each node's first edge
         self.attention = nn.ModuleList(
-            [NodeAttention(len(inputs), C, cfg, len(inputs) * len(self._ops[0].live)) for _, inputs in self.nodes]
+            [NodeAttention(len(inputs), C, cfg, len(inputs) * len(self._ops[0].live),
+                           [pure for op in self._ops[e0:e0 + len(inputs)] for pure in op.pure])
+             for (_, inputs), e0 in zip(self.nodes, firsts)]
         ) if cfg.method == 'midas' else None
         self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
         self.before_bn = cfg.token_before_bn and cfg.method == 'midas'

@@ -32,9 +32,9 @@ from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_se
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
-               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'decorrelate', 'dataset',
-               'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed', 'batch_size', 'epochs',
-               'unrolled', 'lr', 'lr_min',
+               'key_offset', 'token_before_bn', 'score_bias', 'share_attention', 'token_bn', 'decorrelate',
+               'decorrelate_free', 'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed',
+               'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min',
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
                'ms_eps', 'ms_bandwidth', 'detach_mixing', 'aux_skip', 'momentum', 'weight_decay', 'grad_clip',
                'arch_weight_decay', 'epoch_decode_samples', 'decode_samples', 'decode_none']
@@ -92,6 +92,10 @@ def get_args(argv=None):
                    help="each candidate's mean score over the batch and patches is the mean query's against its mean "
                         "key, each input's and patch's deviation kept: the query-key covariance, in which the identity "
                         "(its key is the node's input, as the query is) matches itself, no longer scores (a deviation; "
+                        "default %(default)s)")
+    p.add_argument('--decorrelate-free', action=argparse.BooleanOptionalAction, default=ArchConfig.decorrelate_free,
+                   help="--decorrelate for the parameter-free candidates alone (identity, pools), whose keys are made "
+                        "of the node's own input: the convolutions keep their covariance with the query (a deviation; "
                         "default %(default)s)")
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=False,
                    help="weight step: the mixing weights are constants, as DARTS's alpha, and MIDAS's operations are "

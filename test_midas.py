@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import data
 import genotypes as G
 import search
-from model import (ArchConfig, NodeAttention, SearchNetwork, edge_weights, grid_size, mix_add, mix_node, patch_tokens,
-                   pool_grid)
+from model import (ArchConfig, NodeAttention, SearchCell, SearchNetwork, edge_weights, grid_size, mix_add, mix_node,
+                   patch_tokens, pool_grid)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--epochs', '1', '--batch-size', '8', '--init-channels', '4', '--layers', '3', '--cells', '1',
@@ -467,6 +467,24 @@ def test_decorrelate_scores_a_candidate_by_the_mean_query_against_its_mean_key(e
     torch.testing.assert_close(d.mean((1, 2, 3)), matched)
     assert not torch.allclose(s.mean((1, 2, 3)), matched, atol=1e-3)   # the plain means hold the covariance too
     torch.testing.assert_close(dec(z[:1, :, :1, :1], t[:, :1, :1, :1]), plain(z[:1, :, :1, :1], t[:, :1, :1, :1]))
+    free = [True, False, False, True] * 2   # --decorrelate-free: the parameter-free keys decorrelated, the rest plain
+    part = NodeAttention(2, 4, ArchConfig(edge_norm=edge_norm, decorrelate_free=True), 8, free)
+    part.load_state_dict(plain.state_dict())
+    mask = torch.tensor(free)
+    torch.testing.assert_close(part(z, t)[mask], d[mask])
+    torch.testing.assert_close(part(z, t)[~mask], s[~mask])
+
+
+def test_decorrelate_free_marks_the_parameter_free_candidates_of_each_edge():
+    """S1's edges have different candidates: each node's mask follows its own edges' (identity and pools, not
+    convolutions); the DARTS space's keys are the same on every edge."""
+    ops = G.get_space('s1')['normal']
+    cell = SearchCell('darts', ops, 8, 8, 8, False, False, ArchConfig(decorrelate_free=True))
+    for (_, inputs), attn, e0 in zip(cell.nodes, cell.attention, (0, 2, 5, 9)):
+        want = [op in ('skip_connect', 'max_pool_3x3', 'avg_pool_3x3') for e in range(e0, e0 + len(inputs))
+                for op in ops[e] if op != 'none']
+        assert attn.free_mask.tolist() == want and any(want) and not all(want)
+    assert 'free_mask' not in cell.state_dict()   # checkpoints stay as before
 
 
 def test_token_bn_makes_the_scores_blind_to_the_scale_of_a_cells_input():
@@ -1312,7 +1330,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
     old = ['--no-edge-norm']   # the one of them on by default today
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--share-attention', '--detach-mixing',
-                 '--edge-norm', '--aux-skip', '--token-bn', '--decorrelate'):
+                 '--edge-norm', '--aux-skip', '--token-bn', '--decorrelate', '--decorrelate-free'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
