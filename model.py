@@ -9,7 +9,6 @@ MIDAS replaces DARTS's static table alpha by scores computed per input and per s
 Imports ops.py and genotypes.py only, so these three files can be copied into another project.
 """
 import contextlib
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -536,15 +535,14 @@ class SearchCell(nn.Module):
             self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         self.nodes = node_inputs(kind)
         self._ops = nn.ModuleList()
+        free_keys = []   # per node, whether each of its keys is a parameter-free candidate (S1's edges differ)
         for _, inputs in self.nodes:
             for i in inputs:
                 stride = 2 if reduction and i < 2 and kind == 'darts' else 1
                 self._ops.append(MixedOp(C, stride, edge_ops[len(self._ops)], bn_after_pool=kind == 'darts'))
-        firsts = [0, *itertools.accumulate(len(inputs) for _, inputs in self.nodes)]   # each node's first edge
+            free_keys.append([pure for op in self._ops[-len(inputs):] for pure in op.pure])
         self.attention = nn.ModuleList(
-            [NodeAttention(len(inputs), C, cfg, len(inputs) * len(self._ops[0].live),
-                           [pure for op in self._ops[e0:e0 + len(inputs)] for pure in op.pure])
-             for (_, inputs), e0 in zip(self.nodes, firsts)]
+            [NodeAttention(len(inputs), C, cfg, len(free), free) for (_, inputs), free in zip(self.nodes, free_keys)]
         ) if cfg.method == 'midas' else None
         self.live = self._ops[0].live_index  # the same on every edge: one tensor per node
         self.before_bn = cfg.token_before_bn and cfg.method == 'midas'
