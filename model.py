@@ -412,17 +412,24 @@ class NodeAttention(nn.Module):
         super().__init__()
         token_dim = 2 * C if cfg.token == 'meanstd' else C
         self.cfg, self.n_inputs = cfg, n_inputs
-        # the keys whose scores lose the query-key covariance: None (none), True (all) or a K bool mask
-        self.decorrelated_keys = True if cfg.decorrelate else None
+        free_mask = None
         if cfg.decorrelate_free and not cfg.decorrelate:
             if free_keys is None or len(free_keys) != n_keys:
                 raise ValueError('--decorrelate-free needs to know which of the keys are parameter-free')
-            self.register_buffer('free_mask', torch.tensor(free_keys, dtype=torch.bool), persistent=False)
-            self.decorrelated_keys = self.free_mask
+            free_mask = torch.tensor(free_keys, dtype=torch.bool)
+        # a buffer, so that it follows .to(device) and replicas; not saved, so checkpoints stay as they were
+        self.register_buffer('free_mask', free_mask, persistent=False)
         self.w_q = nn.Linear(n_inputs * C, cfg.attn_dim, bias=False)
         self.w_k = nn.Linear(token_dim, cfg.attn_dim, bias=False)
         self.key_offset = nn.Parameter(torch.zeros(n_keys, cfg.attn_dim)) if cfg.key_offset else None
         self.score_bias = nn.Parameter(torch.zeros(n_keys, 1, 1, 1)) if cfg.score_bias else None
+
+    @property
+    def decorrelated_keys(self):
+        """The keys whose scores lose the query-key covariance: None (none), True (all) or the K bool mask.
+        Read from the buffer at each call: an attribute holding it would stay behind on the CPU after .to(device),
+        which replaces buffers."""
+        return True if self.cfg.decorrelate else self.free_mask
 
     def forward(self, pooled_inputs, tokens):
         """pooled_inputs: B x (n_in C) x gh x gw; tokens: K x B x gh x gw x C', edge-major (K = E L) -> scores

@@ -485,6 +485,8 @@ def test_decorrelate_free_marks_the_parameter_free_candidates_of_each_edge():
                 for op in ops[e] if op != 'none']
         assert attn.free_mask.tolist() == want and any(want) and not all(want)
     assert 'free_mask' not in cell.state_dict()   # checkpoints stay as before
+    cell.to('meta')   # as .to('cuda'): the mask the scores use moves with the module (the buffer is replaced)
+    assert all(attn.decorrelated_keys.device.type == 'meta' for attn in cell.attention)
 
 
 def test_token_bn_makes_the_scores_blind_to_the_scale_of_a_cells_input():
