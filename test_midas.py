@@ -1687,6 +1687,7 @@ def test_train_defaults_are_the_darts_protocols():
     assert (args.epochs, args.batch_size, args.lr, args.schedule, args.lr_gamma, args.label_smoothing,
             args.weight_decay, args.auxiliary_weight, args.grad_clip, args.drop_path, args.init_channels,
             args.layers) == (250, 128, 0.1, 'step', 0.97, 0.1, 3e-5, 0.4, 5.0, 0.0, 48, 14)
+    assert train.get_args(['--arch', 'DARTS_V2']).genotype == 'DARTS_V2'   # DARTS's own train.py flag
 
 
 def test_train_step_loss_is_smoothed_cross_entropy_plus_weighted_aux_and_the_gradient_is_clipped():

@@ -307,8 +307,9 @@ def get_args(argv=None):
 def build_parser():
     p = Parser(description='Retrain a genotype (DARTS protocol) on CIFAR-10/100, SVHN, ImageNet16-120 or ImageNet. '
                            'Unset flags take the protocol defaults (see PROTOCOLS), or the run\'s own with --resume.')
-    p.add_argument('--genotype', help="search.py's genotype.json, a published name (DARTS_V2, ...), a "
-                                      "Genotype(...) literal or a NAS-Bench-201 arch string")
+    p.add_argument('--genotype', '--arch', help="search.py's genotype.json, a published name (DARTS_V2, ...), a "
+                                                "Genotype(...) literal or a NAS-Bench-201 arch string; --arch "
+                                                "as in DARTS's train.py")
     p.add_argument('--data', help='dataset root (default ./data; CIFAR is downloaded there when absent)')
     p.add_argument('--dataset', choices=['cifar10', 'cifar100', 'svhn', 'imagenet16-120', 'imagenet'],
                    help='default cifar10')
