@@ -666,7 +666,8 @@ def nb201_results(runs):
             raise RunError(f"'{run}' holds no search.py run (its args.json lacks the method and seed)")
         settings = {**{k: defaults[k] for k in training_keys}, **with_older_flags(settings)}
         history = read_json(os.path.join(run, 'history.json'))
-        final = read_json(os.path.join(run, 'genotype.json')) if os.path.isfile(os.path.join(run, 'genotype.json')) else None
+        final_path = os.path.join(run, 'genotype.json')
+        final = read_json(final_path) if os.path.isfile(final_path) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
         # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
@@ -697,7 +698,8 @@ def nb201_results(runs):
         eigs = [[h[e].get('hessian_eig') for _, _, h in runs_] for e in range(epochs)]
         curvature = ' → '.join(f'{np.mean(v):.3g}' if None not in v else '–' for v in eigs)
         rows.append([name, budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
-                     mean_std([f['nb201']['valid'] for _, f, _ in runs_]), mean_std([f['nb201']['test'] for _, f, _ in runs_]),
+                     mean_std([f['nb201']['valid'] for _, f, _ in runs_]),
+                     mean_std([f['nb201']['test'] for _, f, _ in runs_]),
                      trajectory, curvature])
     # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
     header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch (§8 weights)',

@@ -424,7 +424,7 @@ def main(argv=None):
 
     print(f"bench.py on {res['device']}, {res['threads']} threads, torch {res['torch']}, {res['date']}, "
           f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, "
-          f"{args.layers if args.space != 'nb201' else args.cells} {'cells' if args.space != 'nb201' else 'cells/stage'}, "
+          + (f"{args.layers} cells, " if args.space != 'nb201' else f"{args.cells} cells/stage, ") +
           f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
           f"edge-norm {res['edge_norm']}, token-bn {res['token_bn']}, {'second' if args.unrolled else 'first'} order, "
           f"detach-mixing {res['detach_mixing']}, amp {args.amp}, "

@@ -207,7 +207,8 @@ def validate_genotype(genotype, space_name=None):
             if not isinstance(op, str) or op not in ALL_OPS:
                 raise ValueError(f"unknown op '{op}' in the {cell} cell (choose from {', '.join(ALL_OPS)})")
             if type(src) is not int or not 0 <= src < node:
-                raise ValueError(f"malformed genotype: input {src!r} of node {node} in the {cell} cell must be in 0..{node - 1}")
+                raise ValueError(f"malformed genotype: input {src!r} of node {node} in the {cell} cell "
+                                 f"must be in 0..{node - 1}")
         # the cell's inputs cannot be concatenated: in a reduction cell they are twice the nodes' resolution
         if not concat or any(type(c) is not int or not 2 <= c < n_nodes + 2 for c in concat):
             raise ValueError(f"malformed genotype: {cell}_concat {concat} must name nodes 2..{n_nodes + 1}")
@@ -261,7 +262,7 @@ def parse_genotype_literal(text):
     """Parse 'Genotype(normal=[...], normal_concat=range(2, 6), reduce=[...], reduce_concat=[...])'."""
     try:
         call = ast.parse(text.strip(), mode='eval').body
-        if not (isinstance(call, ast.Call) and getattr(call.func, 'id', getattr(call.func, 'attr', None)) == 'Genotype'):
+        if not isinstance(call, ast.Call) or getattr(call.func, 'id', getattr(call.func, 'attr', None)) != 'Genotype':
             raise ValueError
         fields = dict(zip(Genotype._fields, [_literal(a) for a in call.args]))
         fields.update({kw.arg: _literal(kw.value) for kw in call.keywords})

@@ -28,10 +28,10 @@ class ArchConfig:
     topology: bool = True      # parameter-free pair-of-edges node (§5); DARTS-style spaces only
     attn_dim: int = 16         # d, the query/key dimension (16: best NB201 valid column of 16, 32, 64; README)
     tau: float = 1.0           # softmax temperature of the scores
-    token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/avg-pool tie (§12)
+    token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/pool tie (§12)
     token_norm: bool = True    # LayerNorm (no affine) on query and key tokens: sharper scores (§12)
-    edge_norm: bool = True     # with token_norm: an edge's key tokens normalised together, keeping their relative scale
-    key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation, off by default)
+    edge_norm: bool = True     # with token_norm: an edge's key tokens normalised together, keeping relative scale
+    key_offset: bool = False   # a learned d-vector added to each live candidate's key (§12; a deviation)
     token_before_bn: bool = False  # tokens from the input of a candidate's final BN, not its output (§12)
     score_bias: bool = False   # a learned scalar on each live candidate's score: an alpha inside MIDAS (a deviation)
     share_attention: bool = False  # the cells of a stage share one attention per node, as DARTS's alpha (a deviation)
@@ -737,7 +737,8 @@ class SearchNetwork(nn.Module):
                 if stage > 0:
                     self.cells.append(ResNetBasicblock(C_p, C_curr, 2))
                 for _ in range(cells):
-                    self.cells.append(SearchCell('nb201', self.space['normal'], None, C_curr, C_curr, False, False, cfg))
+                    self.cells.append(SearchCell('nb201', self.space['normal'], None, C_curr, C_curr,
+                                                 False, False, cfg))
                 C_p = C_curr
             self.lastact = nn.Sequential(nn.BatchNorm2d(C_p), nn.ReLU(inplace=True))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)

@@ -159,9 +159,11 @@ def get_args(argv=None):
     p.add_argument('--hessian-samples', type=int, default=0, metavar='N',
                    help="after each epoch, the largest eigenvalue (in magnitude) of the Hessian of the search-val "
                         "loss in the architecture parameters, on the first N search-val images, into history.json "
-                        "(RobustDARTS's sign of a coming collapse; it leaves the search as it is: 0 = off, the default)")
+                        "(RobustDARTS's sign of a coming collapse; it leaves the search as it is: 0 = off, "
+                        "the default)")
     p.add_argument('--redecode', default=None, metavar='RUN',
-                   help="decode RUN/weights.json again (with --decode-none, --nb201-table) and rewrite RUN/genotype.json")
+                   help="decode RUN/weights.json again (with --decode-none, --nb201-table) and rewrite "
+                        "RUN/genotype.json")
     p.add_argument('--nb201-table', default=None, help='CSV of NAS-Bench-201 accuracies to score NB201 cells')
     p.add_argument('--seed', type=int, default=0, help='(default %(default)s)')
     p.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N (default %(default)s)')
@@ -494,8 +496,8 @@ def removal_costs(model, batches):
     edge's softmax renormalises over the rest) in every cell of its type, and, at a DARTS-style node of more than
     two inputs, when a whole edge is. -> {cell type: {'weights': [[cost per candidate, None for 'none'] per edge],
     'pairs': [[cost of the two edges per pair of node_pairs] per node] or None}, 'base_loss': loss with nothing
-    removed, 'removals': how many were measured, 'images': on how many}: average_weights' layout, so that §8's rules pick the candidates,
-    and pairs, that cost most to remove."""
+    removed, 'removals': how many were measured, 'images': on how many}: average_weights' layout, so that §8's
+    rules pick the candidates, and pairs, that cost most to remove."""
     batches = list(batches)
     images = sum(len(y) for _, y in batches)
     was_training = model.training
@@ -657,7 +659,8 @@ def redecode(args):
     if 'removal_costs' in record:   # a measurement of the supernet, still true; the cell it chose is replaced
         new['removal_costs'] = record['removal_costs']
     write_result(run, genotype, new, settings['space'], score, args)
-    print(f"{run}: {genotype}" + (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''))
+    scored = f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''
+    print(f"{run}: {genotype}{scored}")
     return genotype
 
 

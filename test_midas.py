@@ -620,7 +620,8 @@ def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
         assert arch == G.decode_nb201(w, include_none=rule == 'include')[0]
         with open(os.path.join(save, 'genotype.json')) as f:
             assert json.load(f)['arch'] == arch
-    _one_line_error(run_script('search.py', '--redecode', save, '--select', 'perturb'), f'--resume {save} --select perturb')
+    _one_line_error(run_script('search.py', '--redecode', save, '--select', 'perturb'),
+                    f'--resume {save} --select perturb')
     bad = tmp_path / 'bad'   # a hand-edited args.json: one line, not a TypeError or KeyError
     bad.mkdir()
     shutil.copy(os.path.join(save, 'weights.json'), bad / 'weights.json')
@@ -1875,7 +1876,8 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'DARTS_V9'], ["cannot read genotype 'DARTS_V9'"]),
     ([], ['--genotype is required']),
     (['--genotype', NB201_ALL_SKIP, '--auxiliary-weight', '0.4'], ['--auxiliary-weight does not apply']),
-    (['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120', '--auxiliary-weight', '0.4'], ['auxiliary head needs 32x32']),
+    (['--genotype', 'DARTS_V2', '--dataset', 'imagenet16-120', '--auxiliary-weight', '0.4'],
+     ['auxiliary head needs 32x32']),
     (['--genotype', 'DARTS_V2', '--layers', '2'], ['--layers must be at least 3']),
     (['--resume', 'NOWHERE'], ['no train.py run to resume']),
     (['--eval', 'NOWHERE'], ['no checkpoint']),
@@ -2363,8 +2365,8 @@ def test_nb201_results_table(tmp_path):
         first = {'epoch': 1} if k == 13 else {'epoch': 1, 'nb201': {'valid': valid - 1, 'test': test - 1}}   # unscored
         (run / 'history.json').write_text(json.dumps([first, {'epoch': 2, 'nb201': {'valid': valid, 'test': test}}]))
         # run 11 is run 0's search chosen again with --select perturb (resumed: its args.json is run 0's)
-        result = {'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test}, **({'select': 'perturb'} if k == 11 else {}),
-                  **({'decode_none': 'include'} if k == 13 else {})}
+        result = {'arch': G.NB201_BEST, 'nb201': {'valid': valid, 'test': test},
+                  **({'select': 'perturb'} if k == 11 else {}), **({'decode_none': 'include'} if k == 13 else {})}
         if k == 11:
             (run / 'args.json').write_text((tmp_path / 'r0' / 'args.json').read_text())
         (run / 'genotype.json').write_text(json.dumps(result))
@@ -2387,7 +2389,8 @@ def test_nb201_results_table(tmp_path):
     assert 'Hessian' not in text   # no run measured it
     for k, eigs in ((2, [0.1, 0.5]), (9, [0.3, 0.7])):   # --hessian-samples: a column of its own, by epoch
         (tmp_path / f'r{k}' / 'history.json').write_text(json.dumps(
-            [{'epoch': e + 1, 'nb201': {'valid': 87.0 + e, 'test': 90.0 + e}, 'hessian_eig': v} for e, v in enumerate(eigs)]))
+            [{'epoch': e + 1, 'nb201': {'valid': 87.0 + e, 'test': 90.0 + e}, 'hessian_eig': v}
+             for e, v in enumerate(eigs)]))
     text = analyze.nb201_results([runs[0], runs[2], runs[9]])
     assert 'mean Hessian eigenvalue by epoch' in text
     assert f'| darts | {budget} | 2,9 | 88.00 ± 0.00 | 91.00 ± 0.00 | 90.00 → 91.00 | 0.2 → 0.6 |' in text
@@ -2400,7 +2403,8 @@ def test_nb201_results_table(tmp_path):
 def test_bench_reports_every_figure_as_one_json_line():
     token_bn = not ArchConfig.token_bn   # a search flag given to bench reaches the supernet it times
     r = run_script('bench.py', '--space', 'nb201', '--init-channels', '4', '--cells', '1', '--batch-size', '4',
-                   '--token-bn' if token_bn else '--no-token-bn', '--iters', '2', '--warmup', '1', '--mem-iters', '1', '--train-channels', '4',
+                   '--token-bn' if token_bn else '--no-token-bn', '--iters', '2', '--warmup', '1', '--mem-iters', '1',
+                   '--train-channels', '4',
                    '--train-layers', '2', '--train-batch-size', '4', '--data-images', '64', '--data-epochs', '1',
                    '--epoch-images', '100', '--device', 'cpu')
     assert r.returncode == 0, r.stderr
