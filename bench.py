@@ -422,9 +422,9 @@ def main(argv=None):
         rows.append((f'data path, batch {args.data_batch_size} (crop, flip, cutout 16)', f'{dt:.2f} s',
                      f'{n / dt:,.0f} img/s', f'{n} images'))
 
+    depth = f"{args.layers} cells" if args.space != 'nb201' else f"{args.cells} cells/stage"
     print(f"bench.py on {res['device']}, {res['threads']} threads, torch {res['torch']}, {res['date']}, "
-          f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, "
-          + (f"{args.layers} cells, " if args.space != 'nb201' else f"{args.cells} cells/stage, ") +
+          f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, {depth}, "
           f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
           f"edge-norm {res['edge_norm']}, token-bn {res['token_bn']}, {'second' if args.unrolled else 'first'} order, "
           f"detach-mixing {res['detach_mixing']}, amp {args.amp}, "
