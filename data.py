@@ -550,7 +550,7 @@ def _throughput(argv=None):
     except RuntimeError:
         ap.exit(2, f"error: --device {a.device}: not a device (cpu, cuda, cuda:1, mps)\n")
     present = {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(device.type, lambda: True)
-    if not present():
+    if not present() or (device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count()):
         ap.exit(2, f"error: --device {a.device}: this torch sees no such device\n")
     torch.set_num_threads(a.threads)
     cfg = DATASETS[a.dataset]

@@ -27,8 +27,8 @@ from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, 
 from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
                    twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
-                   load_checkpoint, restoring, resume_folder, rng_states, run_cli, save_checkpoint, seed_everything,
-                   set_rng_states, setup_distributed, started_with, write_json)
+                   load_checkpoint, refuse_other_config, restoring, resume_folder, rng_states, run_cli,
+                   save_checkpoint, seed_everything, set_rng_states, setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
@@ -697,6 +697,8 @@ def main(argv=None):
         return redecode(args)
     cfg = check_args(args)
     rank, world, device = setup_distributed(args.device)
+    if args.batch_size % world:   # uneven slices would weigh one rank's images more in the averaged gradients
+        raise RunError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
     check_amp(args, device)
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     resume_state = None
@@ -709,8 +711,10 @@ def main(argv=None):
         started = started_with(args.resume)
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
         older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}
-        if os.path.exists(checkpoint) or not started:   # its args.json alone: stopped in its first epoch, start again
+        if os.path.exists(checkpoint) or not started:
             resume_state = load_checkpoint(checkpoint, config, keys, older)
+        else:   # its args.json alone: stopped in its first epoch, it starts again, but as the run it was
+            refuse_other_config(older, config, keys, f"'{os.path.join(args.resume, 'args.json')}'")
     elif os.path.exists(checkpoint):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")

@@ -1068,6 +1068,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
     early.mkdir()
     shutil.copy(os.path.join(full, 'args.json'), early / 'args.json')
     _one_line_error(run_script('search.py', '--resume', str(early), '--save', full), 'continues in its own folder')
+    # it starts again as the run it was: another flag is refused, and its args.json is left as it was
+    _one_line_error(run_script('search.py', '--resume', str(early), '--epochs', '7'), 'another configuration',
+                    'epochs=3', 'epochs=7')
+    assert (early / 'args.json').read_text() == open(os.path.join(full, 'args.json')).read()
     r = run_script('search.py', '--resume', str(early))
     assert r.returncode == 0, r.stderr
     assert 'searching again from the start' in (early / 'log.txt').read_text()
@@ -1188,6 +1192,19 @@ def _one_line_error(r, *words):
 ])
 def test_bad_flags(cifar, tmp_path, flags, words):
     _one_line_error(run_script('search.py', '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags), *words)
+    assert not os.path.exists(tmp_path / 'r')
+
+
+def test_a_device_or_process_count_the_run_cannot_use_is_refused(cifar, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert train.pick_device('cuda:1') == torch.device('cuda', 1)
+    with pytest.raises(train.RunError, match="device 'cuda:2' requested but this machine has 2 CUDA"):
+        train.pick_device('cuda:2')
+    # under torchrun each rank takes an equal slice of the global batch: 7 images do not split over 2 ranks
+    monkeypatch.setattr(search, 'setup_distributed', lambda name: (0, 2, torch.device('cpu')))
+    with pytest.raises(train.RunError, match='--batch-size 7 does not split evenly over 2 processes'):
+        search.main(['--data', cifar, '--save', str(tmp_path / 'r'), *TINY, '--batch-size', '7'])
     assert not os.path.exists(tmp_path / 'r')
 
 
@@ -1803,6 +1820,9 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     early.mkdir()
     for name in ('args.json', 'genotype.json'):
         shutil.copy(os.path.join(full, name), early / name)
+    for flags, word in ((['--lr', '0.1'], 'lr'), (['--genotype', 'DARTS_V2'], 'genotype')):   # as the run it was
+        _one_line_error(_train_cli(capsys, '--resume', str(early), *flags), 'another configuration', word)
+    assert not (early / 'log.txt').exists()
     r = run_script('train.py', '--resume', str(early))
     assert r.returncode == 0, r.stderr
     with open(early / 'report.json') as f:
@@ -1894,6 +1914,8 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'DARTS_V2', '--layers', '3', '--epochs', '1', '--subset', '100000'],
      ['--subset 100000:', 'training images']),
     (['--genotype', 'BYTES'], ['cannot read genotype file', 'bytes.json']),
+    (['--genotype', 'DARTS_V2', '--batch-size', '1'], ['one image', 'auxiliary head needs two']),
+    (['--eval', 'PARTIAL'], ['is not a train.py checkpoint']),   # its network's sizes are missing
 ])
 def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
     s2 = tmp_path / 'genotype.json'
@@ -1901,8 +1923,11 @@ def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
     arch = tmp_path / 'arch.json'
     arch.write_text(json.dumps({'arch': 123}))
     (tmp_path / 'bytes.json').write_bytes(bytes([0x82, 0xff, 0x00, 0x10]))   # not UTF-8
+    torch.save({'config': {'genotype': G.genotype_to_json(G.DARTS_V2, 'darts'), 'dataset': 'cifar10'}, 'model': {}},
+               tmp_path / 'partial.pt')
     flags = [{'S2_JSON': str(s2), 'NOWHERE': str(tmp_path / 'nowhere'), 'ARCH_123': str(arch),
-              'BYTES': str(tmp_path / 'bytes.json')}.get(f, f) for f in flags]
+              'BYTES': str(tmp_path / 'bytes.json'), 'PARTIAL': str(tmp_path / 'partial.pt')}.get(f, f)
+             for f in flags]
     save = tmp_path / 'run'
     _one_line_error(_train_cli(capsys, '--data', cifar, '--save', str(save), *TRAIN_TINY, *flags), *words)
     assert not save.exists()

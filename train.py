@@ -67,6 +67,8 @@ def pick_device(name='auto'):
         raise RunError(f"device '{name}' requested but MPS is not available")
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise RunError(f"device '{name}' requested but CUDA is not available")
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -175,12 +177,16 @@ def load_checkpoint(path, config, keys, older=None, fix='delete it to start afre
         raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); {fix}") from None
     if not isinstance(state, dict) or not isinstance(state.get('config', {}), dict):
         raise RunError(f"'{path}' is not a checkpoint of this project; {fix}")
-    saved = {**(older or {}), **state.get('config', {})}
+    refuse_other_config({**(older or {}), **state.get('config', {})}, config, keys, f"checkpoint '{path}'")
+    return state
+
+
+def refuse_other_config(saved, config, keys, source):
+    """A run continued under other flags would record, and resume, a run it never was."""
     for k in keys:
         if saved.get(k) != config.get(k):
-            raise RunError(f"checkpoint '{path}' is from another configuration: {k}={saved.get(k)!r}, "
+            raise RunError(f"{source} is from another configuration: {k}={saved.get(k)!r}, "
                            f"this run has {k}={config.get(k)!r}")
-    return state
 
 
 def resume_folder(args):
@@ -564,7 +570,10 @@ def evaluate_checkpoint(args):
         raise RunError(f"--eval {args.eval}: no checkpoint there (give a train.py run folder or its checkpoint.pt)")
     state = load_checkpoint(path, {}, [], fix='--eval takes the checkpoint.pt of a train.py run')
     config = state.get('config') or {}
-    if 'genotype' not in config or 'model' not in state:
+    flags = {a.dest: a for a in build_parser()._actions}
+    network = ('dataset', 'init_channels', 'layers', 'cells', 'auxiliary_weight')   # what --eval rebuilds it from
+    if 'genotype' not in config or 'model' not in state or not all(
+            k in config and _fits(flags[k], config[k]) for k in network):
         raise RunError(f"'{path}' is not a train.py checkpoint")
     if args.dataset not in (None, config['dataset']):
         raise RunError(f"'{path}' was trained on {config['dataset']}, not {args.dataset}")
@@ -604,6 +613,9 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.device)
     if args.batch_size % world:
         raise RunError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
+    if args.auxiliary_weight > 0 and args.batch_size // world < 2:   # its last BN sees 1x1 maps: one value each
+        raise RunError(f'--batch-size {args.batch_size} gives each process one image, and the auxiliary head needs '
+                       'two to train (batch norm on 1x1 maps): raise it or add --auxiliary-weight 0')
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     config['genotype'] = genotype_to_json(genotype, space)
     state = None
@@ -613,6 +625,15 @@ def main(argv=None):
     if args.resume:   # without a checkpoint it was stopped in its first epoch, and starts again with its flags
         if os.path.exists(checkpoint):
             state = load_checkpoint(checkpoint, config, CONFIG_KEYS)
+        else:   # it starts again, but as the run it was: the flags and the cell it was started with
+            current = {**config, 'genotype': json.loads(json.dumps(config['genotype']))}
+            started = {**started_with(args.resume), 'genotype': current['genotype']}
+            try:
+                with open(os.path.join(args.resume, 'genotype.json')) as f:
+                    started['genotype'] = json.load(f)
+            except (OSError, ValueError):   # killed between writing its args.json and its genotype.json
+                pass
+            refuse_other_config(started, current, CONFIG_KEYS, f"'{os.path.join(args.resume, 'args.json')}'")
     elif os.path.exists(checkpoint):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")
