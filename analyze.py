@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from data import DATASETS, load_dataset, normalize
-from genotypes import genotype_from_json, load_genotype, nb201_parse, node_inputs
+from genotypes import genotype_from_json, load_genotype, nb201_parse, node_inputs, validate_genotype
 from model import ArchConfig, SearchNetwork, aux_skip_weight
 from train import Parser, RunError, atomic_write, pick_device, run_cli, write_json
 
@@ -195,6 +195,8 @@ def load_run(run, device):
     missing = [k for k in ('space', 'method', 'dataset', 'init_channels', 'layers', 'cells') if k not in settings]
     if missing:
         raise RunError(f"'{run}' does not record {', '.join(missing)} (neither args.json nor the checkpoint)")
+    if not isinstance(settings['dataset'], str) or settings['dataset'] not in DATASETS:
+        raise RunError(f"'{run}' records dataset {settings['dataset']!r}, which this code does not know")
     ran = with_older_flags(settings)
     cfg = ArchConfig(**{f.name: ran[f.name] for f in dataclasses.fields(ArchConfig) if f.name in ran})
     model = SearchNetwork(settings['space'], settings['init_channels'], DATASETS[settings['dataset']]['num_classes'],
@@ -556,12 +558,20 @@ def pick(spec, n, what):
     return out
 
 
-def run_genotype(run):
+def run_genotype(run, space):
     """The run's final genotype, else the last one its history decoded, else None (a run just begun)."""
-    if os.path.isfile(os.path.join(run, 'genotype.json')):
-        return genotype_from_json(read_json(os.path.join(run, 'genotype.json')))[0]
-    history = read_json(os.path.join(run, 'history.json')) if os.path.isfile(os.path.join(run, 'history.json')) else []
-    return genotype_from_json(history[-1]['genotype'])[0] if history else None
+    final, history = os.path.join(run, 'genotype.json'), os.path.join(run, 'history.json')
+    try:
+        if os.path.isfile(final):
+            genotype = genotype_from_json(read_json(final))[0]
+        else:
+            epochs = read_json(history) if os.path.isfile(history) else []
+            genotype = genotype_from_json(epochs[-1]['genotype'])[0] if epochs else None
+    except (KeyError, TypeError, IndexError):
+        raise RunError(f"'{history}' is not a history search.py wrote") from None
+    if genotype is not None:
+        validate_genotype(genotype, space)
+    return genotype
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,6 +789,7 @@ def main(argv=None):
         return text
 
     model, settings = load_run(args.run, pick_device(args.device))
+    genotype = run_genotype(args.run, settings['space']) if args.command == 'report' else None   # before any file
     midas = settings['method'] == 'midas'
     if args.command == 'mosaic' and not midas:
         raise RunError(f"no mosaics for '{args.run}': a --method {settings['method']} run has one static weight per "
@@ -797,7 +808,6 @@ def main(argv=None):
         return mosaics
 
     cell_stats = analyse(records, y.numpy(), args.bins)
-    genotype = run_genotype(args.run)
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
     analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
                 'settings': {k: settings.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed')},

@@ -177,6 +177,8 @@ def _load_svhn(root, train, download):
     tv = _torchvision()
     try:
         ds = tv.datasets.SVHN(root, split='train' if train else 'test', download=download)
+    except ModuleNotFoundError as e:   # torchvision reads the .mat files with scipy, which it does not require
+        raise DataError(f"torchvision reads SVHN with scipy, which is missing ({e}): pip install scipy") from e
     except Exception as e:
         raise DataError(f"SVHN could not be loaded from {root} ({type(e).__name__}: {e}); put train_32x32.mat and "
                         f"test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ there, "

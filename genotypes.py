@@ -68,7 +68,7 @@ SPACES = {
 
 
 def get_space(name):
-    if name not in SPACES:
+    if not isinstance(name, str) or name not in SPACES:
         raise ValueError(f"unknown search space '{name}' (choose from {', '.join(SPACES)})")
     return SPACES[name]
 
@@ -269,7 +269,7 @@ def parse_genotype_literal(text):
         g = Genotype(**{f: fields[f] for f in Genotype._fields})
         return Genotype([tuple(p) for p in g.normal], list(g.normal_concat), [tuple(p) for p in g.reduce],
                         list(g.reduce_concat))
-    except (SyntaxError, ValueError, TypeError, KeyError):
+    except (SyntaxError, ValueError, TypeError, KeyError, OverflowError, RecursionError, MemoryError):
         raise ValueError('malformed genotype literal: expected Genotype(normal=[(op, input), ...], '
                          'normal_concat=..., reduce=[...], reduce_concat=...)') from None
 
@@ -282,8 +282,8 @@ def load_genotype(spec):
         try:
             with open(spec) as f:
                 obj = json.load(f)
-        except (OSError, ValueError) as e:   # ValueError: bad JSON, and bytes that are not UTF-8
-            raise ValueError(f"cannot read genotype file '{spec}': {e}") from None
+        except (OSError, ValueError, RecursionError) as e:   # ValueError: bad JSON, and bytes that are not UTF-8
+            raise ValueError(f"cannot read genotype file '{spec}': {type(e).__name__}: {e}") from None
         g, space = genotype_from_json(obj)
     elif spec in PUBLISHED:
         g, space = PUBLISHED[spec], None
@@ -303,6 +303,13 @@ def load_genotype(spec):
 #   weights[e][j]  mean mixing weight of candidate j on edge e (edge order as in the space)
 #   pairs[node][p] mean pair probability pi of node_pairs(n_inputs)[p] (topology only)
 
+def _check_shape(ops_per_edge, weights):
+    """Weights of another space would otherwise decode silently into a wrong cell (zip stops at the shorter)."""
+    if len(weights) != len(ops_per_edge) or any(len(w) != len(ops) for ops, w in zip(ops_per_edge, weights)):
+        raise ValueError(f'weights of {[len(w) for w in weights]} candidates per edge do not fit a space of '
+                         f'{[len(ops) for ops in ops_per_edge]}')
+
+
 def _best_op(ops, w):
     """Argmax over non-'none' candidates, with the margin to the runner-up (METHOD.md §12 asks for it). An exact
     tie goes to the first candidate, as argmax."""
@@ -315,6 +322,9 @@ def _best_op(ops, w):
 def decode_darts_cell(ops_per_edge, weights, pairs=None):
     """-> ([(op, input)] * 8, margins). With pairs: keep each node's most probable pair of edges
     (the topology rule); without: the DARTS rule, the two edges with the strongest non-'none' op."""
+    _check_shape(ops_per_edge, weights)
+    if pairs is not None and [len(p) for p in pairs] != [len(node_pairs(len(i))) for _, i in node_inputs('darts')]:
+        raise ValueError(f'pair weights of {[len(p) for p in pairs]} pairs per node do not fit a DARTS cell')
     cell, margins, e0 = [], [], 0
     for node, inputs in node_inputs('darts'):
         edges = [e0 + i for i in inputs]
@@ -350,6 +360,7 @@ def decode_nb201(weights, ops_per_edge=None, include_none=True):
     """Per edge the argmax over the candidates, 'none' included (METHOD.md §8) unless include_none is
     False. -> (arch string, margins)."""
     ops_per_edge = ops_per_edge or SPACES['nb201']['normal']
+    _check_shape(ops_per_edge, weights)
     chosen, margins = [], []
     for ops, w in zip(ops_per_edge, weights):
         ranked = sorted((x, -j, op) for j, (x, op) in enumerate(zip(w, ops)) if include_none or op != 'none')

@@ -1,7 +1,8 @@
 """Search supernets with the MIDAS attention (METHOD.md §1-6) and the evaluation networks.
 
 MIDAS replaces DARTS's static table alpha by scores computed per input and per spatial patch:
-  tokens  t[e,j] = mean of candidate output F[e,j] over each cell of a g x g grid     (§2)
+  tokens  t[e,j] = mean of candidate output F[e,j] over each cell of a g x g grid     (§2;
+                  by default its spread over the cell too, token='meanstd', and LayerNorm: ArchConfig)
   scores  s[e,j] = <W_q z, W_k t[e,j]> / (sqrt(d) tau), z = the node's pooled inputs  (§3)
   mixing  m[e]   = sum_j up(softmax_j s[e,:]) * F[e,j]                                 (§4)
   node    x_k    = sum_e up(gamma[e]) m[e], gamma from a softmax over pairs of edges  (§5)

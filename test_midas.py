@@ -630,6 +630,13 @@ def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
     for text in ('[1, 2]', json.dumps({k: v for k, v in started.items() if k != 'dataset'})):
         (bad / 'args.json').write_text(text)
         _one_line_error(run_script('search.py', '--redecode', str(bad)), 'cannot re-decode', 'not those of one')
+    # weights of another space (four candidates an edge) are refused, not zipped into a cell of the first four
+    (bad / 'args.json').write_text(json.dumps(started))
+    record = json.loads((bad / 'weights.json').read_text())
+    record['weights']['normal']['weights'] = [edge[:4] for edge in w]
+    (bad / 'weights.json').write_text(json.dumps(record))
+    _one_line_error(run_script('search.py', '--redecode', str(bad)), 'cannot re-decode', 'do not fit a space')
+    assert not (bad / 'genotype.json').exists()
 
 
 @pytest.mark.parametrize('space', ['darts', 's1', 's2', 's3', 's4'])
@@ -1603,6 +1610,20 @@ def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
         analyze.main(['mosaic', '--run', save, '--images', '100000'])
     with pytest.raises(analyze.RunError, match='at least 4'):
         analyze.main(['report', '--run', save, '--samples', '3'])
+    # a hand-edited genotype.json or dataset: one error before any file is written
+    edited = tmp_path / 'edited'
+    shutil.copytree(save, edited, ignore=shutil.ignore_patterns('analysis'))
+    genotype = json.loads((edited / 'genotype.json').read_text())
+    genotype['normal'][0][1] = 9
+    (edited / 'genotype.json').write_text(json.dumps(genotype))
+    with pytest.raises(ValueError, match='input 9 of node 2'):
+        analyze.main(['report', '--run', str(edited), '--data', cifar, '--samples', '20', '--device', 'cpu'])
+    assert not (edited / 'analysis').exists()
+    state = torch.load(edited / 'checkpoint.pt', weights_only=False)
+    state['config']['dataset'] = 'bogus'
+    torch.save(state, edited / 'checkpoint.pt')
+    with pytest.raises(analyze.RunError, match="dataset 'bogus'"):
+        analyze.main(['report', '--run', str(edited), '--data', cifar])
     foreign = tmp_path / 'foreign'   # a checkpoint.pt and args.json of something else
     foreign.mkdir()
     torch.save(torch.zeros(3), foreign / 'checkpoint.pt')
@@ -1908,6 +1929,9 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
      ['malformed genotype literal']),
     (['--genotype', '|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2||'], ['malformed NAS-Bench-201']),
     (['--genotype', 'ARCH_123'], ['expected a string']),
+    (['--genotype', "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
+                    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=range(99999999999999999999))"],
+     ['malformed genotype literal']),
     (['--genotype', 'DARTS_V2', '--momentum', 'nan'], ['--momentum must be in [0, 1)']),
     (['--genotype', 'DARTS_V2', '--lr', 'inf'], ['--lr must be positive and finite']),
     (['--genotype', 'DARTS_V2', '--cutout', '40'], ['--cutout 40 is larger than the 32x32 images']),
