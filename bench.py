@@ -2,7 +2,9 @@
 
   * a search iteration (architecture step + weight step: search.arch_step and search.weight_step, or
     search.unrolled_arch_step with --unrolled) for --method midas and --method darts, interleaved in one
-    process (midas, darts, darts, midas, ...) after warm-up iterations: median seconds, images/s, ratio;
+    process (midas, darts, darts, midas, ...) after warm-up iterations: median seconds, images/s, ratio
+    (images/s counts the weight step's batch, as an epoch over search-train does; the architecture step reads as
+    many search-val images besides);
   * a search epoch and a whole search derived from them: an epoch is --epoch-images // batch iterations plus
     the decode that ends it (measured: search.py's decode over its first 2,048 search-train images);
   * the peak memory of each method, each measured in its own child process (peak RSS is per process;

@@ -210,8 +210,9 @@ def validate_genotype(genotype, space_name=None):
                 raise ValueError(f"malformed genotype: input {src!r} of node {node} in the {cell} cell "
                                  f"must be in 0..{node - 1}")
         # the cell's inputs cannot be concatenated: in a reduction cell they are twice the nodes' resolution
-        if not concat or any(type(c) is not int or not 2 <= c < n_nodes + 2 for c in concat):
-            raise ValueError(f"malformed genotype: {cell}_concat {concat} must name nodes 2..{n_nodes + 1}")
+        if not concat or len(set(concat)) < len(concat) or any(type(c) is not int or not 2 <= c < n_nodes + 2
+                                                               for c in concat):
+            raise ValueError(f"malformed genotype: {cell}_concat {concat} must name nodes 2..{n_nodes + 1}, each once")
         if space is not None:
             if n_nodes != STEPS:
                 raise ValueError(f"genotype has {n_nodes} nodes per {cell} cell, space '{space_name}' has {STEPS}")

@@ -1929,6 +1929,8 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
      ['malformed genotype literal']),
     (['--genotype', '|nor_conv_3x3~0|+|none~0|none~1|+|none~0|none~1|none~2||'], ['malformed NAS-Bench-201']),
     (['--genotype', 'ARCH_123'], ['expected a string']),
+    (['--genotype', "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=[2, 2], "
+                    "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=[2])"], ['each once']),
     (['--genotype', "Genotype(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)], normal_concat=[2], "
                     "reduce=[('max_pool_3x3', 0), ('max_pool_3x3', 1)], reduce_concat=range(99999999999999999999))"],
      ['malformed genotype literal']),
