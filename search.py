@@ -812,7 +812,7 @@ def main(argv=None):
         for step, (x_tr, y_tr) in enumerate(train_q):
             x_val, y_val = val_q.next_batch()
             if epoch < args.arch_warmup:  # weights only; the val batch is still drawn, so resume stays exact
-                with torch.no_grad():
+                with torch.no_grad(), autocast():   # in the precision of the architecture steps that follow
                     logits = forward(x_val)
                     v_loss, v_ok = F.cross_entropy(logits, y_val), (logits.argmax(1) == y_val).sum()
             elif args.unrolled:

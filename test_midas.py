@@ -54,6 +54,7 @@ def kill_after_first_checkpoint(args, save):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    assert os.path.exists(ckpt), 'no checkpoint within 120 s'
     return ckpt
 
 
@@ -607,19 +608,26 @@ def test_nb201_argmax_includes_none():
     assert arch == '|none~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|skip_connect~2|'
     assert margins[0]['op_margin'] == pytest.approx(0.1)
     arch, _ = G.decode_nb201(w, include_none=False)  # search.py's default, --decode-none exclude
-    assert arch.startswith('|skip_connect~0|+') or arch.startswith('|nor_conv_1x1~0|+')
+    assert arch == '|skip_connect~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|nor_conv_3x3~0|nor_conv_3x3~1|skip_connect~2|'
+    # skip, 1x1 and 3x3 tie on edge 0 at 0.2: the first of them, as argmax
 
 
 def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
     save = str(tmp_path / 'run')
     search.main(['--data', cifar, '--save', save, '--space', 'nb201', '--decode-none', 'include', *TINY])
     with open(os.path.join(save, 'weights.json')) as f:
-        w = json.load(f)['weights']['normal']['weights']
+        record = json.load(f)
+    w = record['weights']['normal']['weights']
+    w[0] = [0.4, 0.3, 0.1, 0.1, 0.1]   # 'none' leads edge 0: the two rules must part there
+    with open(os.path.join(save, 'weights.json'), 'w') as f:
+        json.dump(record, f)
+    archs = []
     for rule in ('exclude', 'include'):
-        arch = search.main(['--redecode', save, '--decode-none', rule])
-        assert arch == G.decode_nb201(w, include_none=rule == 'include')[0]
+        archs.append(search.main(['--redecode', save, '--decode-none', rule]))
+        assert archs[-1] == G.decode_nb201(w, include_none=rule == 'include')[0]
         with open(os.path.join(save, 'genotype.json')) as f:
-            assert json.load(f)['arch'] == arch
+            assert json.load(f)['arch'] == archs[-1]
+    assert archs[0].startswith('|skip_connect~0|+') and archs[1].startswith('|none~0|+')
     _one_line_error(run_script('search.py', '--redecode', save, '--select', 'perturb'),
                     f'--resume {save} --select perturb')
     bad = tmp_path / 'bad'   # a hand-edited args.json: one line, not a TypeError or KeyError
@@ -734,6 +742,12 @@ def test_tiny_search_writes_a_valid_genotype(cifar, tmp_path, space, method):
     with open(os.path.join(save, 'weights.json')) as f:
         record = json.load(f)
     assert set(record['weights']) == ({'normal'} if space == 'nb201' else {'normal', 'reduce'})
+    assert torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)['epoch'] == 1
+    with open(os.path.join(save, 'history.json')) as f:   # the epoch's decode read the final one's 16 images
+        (epoch,) = json.load(f)
+    assert epoch['epoch'] == 1
+    if space != 's4':   # whose 'noise' candidates draw afresh at every decode
+        assert G.genotype_from_json(epoch['genotype']) == (g, sp)
 
 
 def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
@@ -977,13 +991,20 @@ def _arch_state(save):
 
 
 def test_same_seed_same_result(cifar, tmp_path):
-    outs = []
-    for k in range(2):
-        save = str(tmp_path / f'run{k}')
-        outs.append(search.main(['--data', cifar, '--save', save, '--space', 's3', '--epochs', '2', *TINY[2:]]))
-    assert outs[0] == outs[1]
-    a, b = _arch_state(str(tmp_path / 'run0')), _arch_state(str(tmp_path / 'run1'))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    """One thread, one seed: the same supernet, in this process and in a fresh one; another seed, another."""
+    args = ['--data', cifar, '--space', 's3', '--epochs', '2', *TINY[2:]]
+    genotypes = [search.main([*args, '--save', str(tmp_path / 'run0')])]
+    r = run_script('search.py', *args, '--save', str(tmp_path / 'run1'))   # OMP_NUM_THREADS=1, as this process
+    assert r.returncode == 0, r.stderr
+    search.main([*args, '--save', str(tmp_path / 'seed1'), '--seed', '1'])
+    for run in ('run1', 'seed1'):
+        with open(tmp_path / run / 'genotype.json') as f:
+            genotypes.append(G.genotype_from_json(json.load(f))[0])
+    assert genotypes[0] == genotypes[1]
+    state = {run: torch.load(tmp_path / run / 'checkpoint.pt', weights_only=False)['model']
+             for run in ('run0', 'run1', 'seed1')}
+    assert _same_weights(state['run0'], state['run1'])
+    assert not any(torch.equal(state['run0'][k], state['seed1'][k]) for k in state['run0'] if 'attention' in k)
 
 
 def test_architecture_steps_read_search_val_and_weight_steps_search_train(cifar, tmp_path, monkeypatch):
@@ -1087,6 +1108,29 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
             assert json.load(f1) == json.load(f2), name
 
 
+def test_a_checkpoint_save_that_dies_midway_leaves_the_last_whole_one(cifar, tmp_path, monkeypatch):
+    """Checkpoints go to a temp file that is then renamed: a save that dies halfway (a full disk, a kill) leaves the
+    previous checkpoint whole and no stray file, and --resume goes on from it."""
+    save = str(tmp_path / 'run')
+    ckpt = os.path.join(save, 'checkpoint.pt')
+    real_save, saves = torch.save, []
+
+    def dies_at_the_second(obj, f, *args, **kw):
+        saves.append(obj.get('epoch'))
+        if len(saves) == 2:
+            f.write(b'half a checkpoint')
+            raise OSError('No space left on device')
+        return real_save(obj, f, *args, **kw)
+    monkeypatch.setattr(torch, 'save', dies_at_the_second)
+    with pytest.raises(OSError, match='No space left'):
+        search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY, '--epochs', '2'])
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert saves == [1, 2] and torch.load(ckpt, weights_only=False)['epoch'] == 1
+    assert [n for n in os.listdir(save) if n.startswith('.tmp-')] == []
+    search.main(['--resume', save])
+    assert torch.load(ckpt, weights_only=False)['epoch'] == 2 and os.path.isfile(os.path.join(save, 'genotype.json'))
+
+
 def test_decode_reads_the_first_n_images_every_time():
     """Every decode reads the same first n images of the split, exactly n, whatever was read before: the loader
     keeps its position, and a decode that went on from it read a window that moved from epoch to epoch (and a
@@ -1160,10 +1204,11 @@ def test_drop_path_drops_whole_samples_and_keeps_the_mean():
     evaluation); p = 0 leaves the input as it is."""
     from model import drop_path
     torch.manual_seed(0)
-    x = torch.ones(20000, 1, 1, 1)
+    x = torch.ones(20000, 3, 2, 2)
     out = drop_path(x, 0.3)
     kept = out != 0
     assert torch.allclose(out[kept], torch.full_like(out[kept], 1 / 0.7))
+    assert torch.equal(kept, kept[:, :1, :1, :1].expand_as(kept))   # a whole sample, every channel and pixel
     assert abs((~kept).float().mean().item() - 0.3) < 0.02 and abs(out.mean().item() - 1) < 0.03
     assert drop_path(x, 0.) is x
 
@@ -1247,7 +1292,14 @@ def test_bf16_on_the_cpu_refused_only_for_dilated_convolutions(cifar, tmp_path, 
             search.main(['--data', cifar, '--save', str(tmp_path / space), *TINY, '--space', space, '--amp', 'bf16'])
         assert not os.path.exists(tmp_path / space)
     save = str(tmp_path / 'nb201')
-    search.main(['--data', cifar, '--save', save, *TINY, '--space', 'nb201', '--amp', 'bf16'])
+    dtypes = set()   # what the training steps' convolutions computed in: recorded as bf16 is not enough
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: dtypes.add(out.dtype) if isinstance(m, torch.nn.Conv2d) and m.training else None)
+    try:
+        search.main(['--data', cifar, '--save', save, *TINY, '--space', 'nb201', '--amp', 'bf16'])
+    finally:
+        hook.remove()
+    assert dtypes == {torch.bfloat16}
     with open(os.path.join(save, 'genotype.json')) as f:
         assert len(G.nb201_parse(json.load(f)['arch'])) == 6
     with open(os.path.join(save, 'args.json')) as f:
@@ -2324,12 +2376,23 @@ def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
     ('s3', 'darts', ['--mean-shift', '--arch-warmup', '0']),
     ('darts', 'midas', ['--mim', '0.5', '--mim-ratio', '0.75', '--mim-patch', '8']),
 ])
-def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, space, method, flags):
+def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, monkeypatch, space, method, flags):
+    calls = {'mim': 0, 'mean_shift': 0}
+
+    def counted(name, fn):
+        def wrapped(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        return wrapped
+    monkeypatch.setattr(search, 'mim_loss', counted('mim', search.mim_loss))
+    monkeypatch.setattr(search, 'mean_shift_offsets', counted('mean_shift', search.mean_shift_offsets))
     save = str(tmp_path / 'run')
     g = search.main(['--data', cifar, '--save', save, '--space', space, '--method', method, *TINY, *flags])
     G.validate_genotype(g, space)
     state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert (state['mim_decoder'] is not None) == ('--mim' in flags)
+    steps = 16 // 8   # --subset 32 split in two halves, batch 8: once in every weight step, only when asked
+    assert calls == {'mim': steps * ('--mim' in flags), 'mean_shift': steps * ('--mean-shift' in flags)}
 
 
 def test_aux_skip_adds_every_stride_one_input_and_decays_to_zero(monkeypatch):
@@ -2370,20 +2433,37 @@ def test_aux_skip_search_ends_without_the_skips(cifar, tmp_path):
     net, settings = analyze.load_run(save, torch.device('cpu'))
     assert settings['aux_skip'] and net.aux_skip and net.aux_beta.item() == 0.0   # the last epoch's beta
     with open(os.path.join(save, 'log.txt')) as f:
-        assert 'aux-skip' in f.read()
+        log = f.read()
+    assert 'epoch 1/2: aux-skip beta 1.000' in log and 'epoch 2/2: aux-skip beta 0.000' in log
+    plain = str(tmp_path / 'plain')   # the skips trained with the first epoch: another supernet than without them
+    search.main(['--data', cifar, '--save', plain, '--space', 'nb201', *TINY, '--epochs', '2'])
+    a, b = (torch.load(os.path.join(s, 'checkpoint.pt'), weights_only=False)['model'] for s in (save, plain))
+    assert not _same_weights(a, b)
 
 
-def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path):
-    save = str(tmp_path / 'run')
-    torch.manual_seed(0)
-    search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY, '--arch-warmup', '1'])
+def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path, monkeypatch):
+    epochs = []   # the epoch of every architecture step, read from the weights' learning rate
+    arch_step = search.arch_step
+
+    def counted(model, params, opt, *args, **kw):
+        epochs.append(len(epochs))
+        return arch_step(model, params, opt, *args, **kw)
+    monkeypatch.setattr(search, 'arch_step', counted)
     torch.manual_seed(0)
     fresh = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False))
-    arch = _arch_state(save)
-    fresh_arch = {k: v for k, v in fresh.state_dict().items() if k in arch}
-    assert arch.keys() == fresh_arch.keys() and all(torch.equal(arch[k], fresh_arch[k]) for k in arch)
-    with open(os.path.join(save, 'log.txt')) as f:
-        assert 'no architecture step is taken' in f.read()   # a warm-up as long as the run: said, not silent
+    for n_epochs in (1, 2):
+        save = str(tmp_path / f'run{n_epochs}')
+        torch.manual_seed(0)
+        search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY, '--arch-warmup', '1',
+                     '--epochs', str(n_epochs)])
+        arch = _arch_state(save)
+        fresh_arch = {k: v for k, v in fresh.state_dict().items() if k in arch}
+        assert arch.keys() == fresh_arch.keys()
+        # still through the warm-up, moved by the steps after it: two, the second epoch's (16 images, batch 8)
+        assert all(torch.equal(arch[k], fresh_arch[k]) for k in arch) == (n_epochs == 1)
+        assert len(epochs) == 2 * (n_epochs - 1)
+        with open(os.path.join(save, 'log.txt')) as f:   # a warm-up as long as the run: said, not silent
+            assert ('no architecture step is taken' in f.read()) == (n_epochs == 1)
 
 
 def test_nb201_results_table(tmp_path):
