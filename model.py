@@ -826,7 +826,10 @@ def mask_patches(x, ratio, patch, generator=None):
     order = torch.rand(b, n, generator=generator).argsort(1)
     mask = torch.zeros(b, n)
     mask.scatter_(1, order[:, :k], 1.0)
-    mask = mask.view(b, 1, gh, gw).repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(x.device, x.dtype)
+    if x.device.type == 'cuda':   # pinned, the copy does not wait for the GPU; of the patch grid, not the pixels
+        mask = mask.pin_memory()
+    mask = mask.to(x.device, x.dtype, non_blocking=True)
+    mask = mask.view(b, 1, gh, gw).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
     mask = F.pad(mask, (0, w - gw * patch, 0, h - gh * patch))
     return x * (1 - mask), mask
 
