@@ -1082,7 +1082,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
         state['rng_cpu'], state['rng_cuda'] = one['cpu'], one['cuda']
         torch.save(state, ckpt)
 
-    r = run_script('search.py', '--resume', killed)   # the run's own flags, data and device, from its args.json
+    # the run's own flags, data and device, from its args.json; what may change (the data's path, the log's
+    # frequency) changes nothing of the search
+    moved = [] if flags else ['--data', str(shutil.copytree(cifar, tmp_path / 'moved')), '--report-freq', '3']
+    r = run_script('search.py', '--resume', killed, *moved)
     assert r.returncode == 0, r.stderr
     for name in ('genotype.json', 'weights.json', 'history.json'):   # what it decoded from, too
         with open(os.path.join(full, name)) as f1, open(os.path.join(killed, name)) as f2:
@@ -1129,6 +1132,18 @@ def test_a_checkpoint_save_that_dies_midway_leaves_the_last_whole_one(cifar, tmp
     assert [n for n in os.listdir(save) if n.startswith('.tmp-')] == []
     search.main(['--resume', save])
     assert torch.load(ckpt, weights_only=False)['epoch'] == 2 and os.path.isfile(os.path.join(save, 'genotype.json'))
+
+
+def test_train_portion_splits_the_training_set_in_file_order(cifar, tmp_path):
+    """DARTS's split: the first floor(n * portion) images train the weights, the rest the architecture."""
+    train_idx, val_idx = data.split_indices(10, 0.7)
+    assert train_idx.tolist() == list(range(7)) and val_idx.tolist() == [7, 8, 9]
+    for portion in (0.0, 0.05, 1.0):
+        with pytest.raises(data.DataError, match='leaves one side of the search split empty'):
+            data.split_indices(10, portion)
+    save = tmp_path / 'run'
+    search.main(['--data', cifar, '--save', str(save), '--space', 'nb201', *TINY, '--train-portion', '0.75'])
+    assert '24+8 images' in (save / 'log.txt').read_text()
 
 
 def test_decode_reads_the_first_n_images_every_time():
@@ -2375,9 +2390,10 @@ def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
       for space in G.SPACES for method in ('darts', 'midas')],   # both flags, every space, both methods
     ('s3', 'darts', ['--mean-shift', '--arch-warmup', '0']),
     ('darts', 'midas', ['--mim', '0.5', '--mim-ratio', '0.75', '--mim-patch', '8']),
+    ('s3', 'midas', ['--unrolled']), ('nb201', 'darts', ['--unrolled', '--mim', '0.5']),   # second order, end to end
 ])
 def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, monkeypatch, space, method, flags):
-    calls = {'mim': 0, 'mean_shift': 0}
+    calls = {'mim': 0, 'mean_shift': 0, 'unrolled': 0}
 
     def counted(name, fn):
         def wrapped(*args, **kw):
@@ -2386,13 +2402,17 @@ def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, monkeypatch, space
         return wrapped
     monkeypatch.setattr(search, 'mim_loss', counted('mim', search.mim_loss))
     monkeypatch.setattr(search, 'mean_shift_offsets', counted('mean_shift', search.mean_shift_offsets))
+    monkeypatch.setattr(search, 'unrolled_arch_step', counted('unrolled', search.unrolled_arch_step))
     save = str(tmp_path / 'run')
     g = search.main(['--data', cifar, '--save', save, '--space', space, '--method', method, *TINY, *flags])
     G.validate_genotype(g, space)
     state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert (state['mim_decoder'] is not None) == ('--mim' in flags)
-    steps = 16 // 8   # --subset 32 split in two halves, batch 8: once in every weight step, only when asked
-    assert calls == {'mim': steps * ('--mim' in flags), 'mean_shift': steps * ('--mean-shift' in flags)}
+    steps = 16 // 8   # --subset 32 split in two halves, batch 8: once in every step, only when asked
+    # MIM is part of the training loss, which the unrolled step takes three more times: at w', w+ and w-
+    mim = steps * ('--mim' in flags) * (4 if '--unrolled' in flags else 1)
+    assert calls == {'mim': mim, 'mean_shift': steps * ('--mean-shift' in flags),
+                     'unrolled': steps * ('--unrolled' in flags)}
 
 
 def test_aux_skip_adds_every_stride_one_input_and_decays_to_zero(monkeypatch):
