@@ -584,6 +584,8 @@ SETTING_KEYS = ('method', 'patch', 'topology', 'token', 'token_norm', 'edge_norm
 # keys that mean nothing unless another one is on: NOT_USED then, so that runs differing in them group together
 NOT_USED = '(not used)'
 UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
+                 # a static table decodes from one batch (search.decode_batches), whatever the decode sizes
+                 **{k: lambda s: s.get('method') == 'midas' for k in ('decode_samples', 'epoch_decode_samples')},
                  'decode_none': lambda s: s.get('select') == 'weights',
                  **{k: lambda s: s.get('mim') for k in ('mim_ratio', 'mim_patch')},
                  **{k: lambda s: s.get('mean_shift') for k in ('ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth')}}
@@ -643,6 +645,10 @@ def setting_name(s):
         name += ' detach-mixing'
     if s.get('arch_warmup') not in (None, default_warmup(s)):
         name += f" arch-warmup {s['arch_warmup']}"
+    if s.get('unrolled'):
+        name += ' + unrolled'
+    if s.get('dataset', 'cifar10') != 'cifar10':
+        name += f" on {s['dataset']}"
     return name
 
 
@@ -683,8 +689,8 @@ def nb201_results(runs):
         # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
         settings['select'] = final.get('select', 'weights')
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
-        key = tuple(None if settings['method'] != 'midas' and k in MIDAS_ONLY else settings.get(k)
-                    for k in SETTING_KEYS)
+        ignored = [*(MIDAS_ONLY if settings['method'] != 'midas' else ()), 'topology']   # NB201 nodes have no pairs
+        key = tuple(None if k in ignored else settings.get(k) for k in SETTING_KEYS)
         key += tuple(settings.get(k) if UNUSED_UNLESS.get(k, lambda s: True)(settings) else NOT_USED
                      for k in training_keys)
         twin = seen.setdefault((key, settings['seed']), run)

@@ -2548,6 +2548,31 @@ def test_nb201_results_table(tmp_path):
     assert f'| midas patch 4 | {budget} | 0 | 90.00 | 93.00 | 92.00 → 93.00 | – → – |' in text
 
 
+def test_nb201_results_rows_name_what_sets_them_apart(tmp_path):
+    """A second-order search and another dataset are settings of their own, and their rows say so; what changes
+    nothing (--topology in NB201, a static table's decode sizes) groups with the rest."""
+    import analyze
+
+    def run(name, **flags):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / 'args.json').write_text(json.dumps({'method': 'midas', 'patch': 4, 'seed': 0, 'epochs': 2,
+                                                      'init_channels': 8, 'cells': 1, 'subset': 10000,
+                                                      'edge_norm': True, **flags}))
+        score = {'valid': 80.0, 'test': 85.0}
+        (folder / 'history.json').write_text(json.dumps([{'epoch': 1, 'nb201': score}]))
+        (folder / 'genotype.json').write_text(json.dumps({'arch': G.NB201_BEST, 'nb201': score}))
+        return str(folder)
+    text = analyze.nb201_results([run('m0'), run('m1', seed=1, topology=True), run('u0', unrolled=True),
+                                  run('c0', dataset='cifar100'), run('d0', method='darts'),
+                                  run('d1', method='darts', seed=1, decode_samples=512, epoch_decode_samples=64)])
+    budget = '2 ep, 8 ch, 1 cell/stage, 10k img'
+    for row in ('midas patch 4 | {} | 0,1 |', 'midas patch 4 + unrolled | {} | 0 |',
+                'midas patch 4 on cifar100 | {} | 0 |', 'darts | {} | 0,1 |'):
+        assert '| ' + row.format(budget) in text
+    assert len([line for line in text.splitlines() if budget in line]) == 4
+
+
 # ---------------------------------------------------------------------------------------------
 # bench.py
 
