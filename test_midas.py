@@ -1920,6 +1920,25 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     assert 'training again from the start' in (early / 'log.txt').read_text()
 
 
+def test_ddp_is_told_when_a_genotype_leaves_parameters_without_gradient():
+    """DDP waits for every parameter's gradient and fails at the second step if one never comes: 'noise' ignores its
+    input, so a state only noise reads (and not concatenated) leaves its preprocessing or operations unused."""
+    only_noise_reads_0 = G.Genotype([('noise', 0), ('sep_conv_3x3', 1)] * 4, [2, 3, 4, 5],
+                                    [('sep_conv_3x3', 0), ('sep_conv_3x3', 1)] * 4, [2, 3, 4, 5])
+    node_2_unread = G.Genotype([('sep_conv_3x3', 0), ('sep_conv_3x3', 1)] * 2 + [('skip_connect', 0),
+                               ('noise', 2)] * 2, [3, 4, 5], G.DARTS_V2.reduce, G.DARTS_V2.reduce_concat)
+    from model import NetworkCIFAR
+    cases = [G.DARTS_V2, G.load_genotype(NOISY)[0], only_noise_reads_0, node_2_unread]
+    torch.manual_seed(0)
+    for genotype in cases:
+        net = NetworkCIFAR(4, 10, 3, False, genotype)
+        F.cross_entropy(net(torch.randn(2, 3, 32, 32))[0], torch.tensor([0, 1])).backward()
+        unused = any(p.grad is None for p in net.parameters())
+        assert train.leaves_parameters_unused(genotype) == unused
+    assert [train.leaves_parameters_unused(g) for g in cases] == [False, False, True, True]
+    assert not train.leaves_parameters_unused(G.NB201_BEST)
+
+
 def test_train_resume_keeps_the_runs_own_runtime_flags_and_cutout_scales_with_the_image(tmp_path):
     """--resume: precision, test and log frequencies are the run's unless given again (they went back to the
     defaults: a bf16 run went on in float32). Cutout's default is DARTS's 16 of 32 pixels, scaled to the images."""

@@ -282,9 +282,9 @@ class Parser(argparse.ArgumentParser):
 
 # Defaults of the flags left unset, by protocol. 'cifar': DARTS's train.py and paper (also SVHN and
 # ImageNet16-120). 'imagenet': DARTS's train_imagenet.py in the paper's mobile setting (48 channels,
-# 250 epochs, auxiliary head; the script's own defaults, 50 channels and 1000 epochs, are not what the
-# paper reports). 'nb201': NAS-Bench-201's training of its cells, so that accuracies compare with the
-# benchmark's table (Nesterov SGD, batch 256, 200 epochs, no clipping, no cutout).
+# 14 cells, 250 epochs, auxiliary head; the script's defaults changed between its versions).
+# 'nb201': NAS-Bench-201's training of its cells, so that accuracies compare with the benchmark's
+# table (Nesterov SGD, batch 256, 200 epochs, no clipping, no cutout).
 PROTOCOLS = {   # cutout in pixels of a 32x32 image, scaled to the dataset's
     'cifar': dict(epochs=600, batch_size=96, lr=0.025, schedule='cosine', momentum=0.9, nesterov=False,
                   weight_decay=3e-4, grad_clip=5.0, label_smoothing=0.0, cutout=16, drop_path=0.2,
@@ -433,6 +433,19 @@ def build_model(genotype, dataset, init_channels, layers=None, cells=None, auxil
         raise RunError(f'cannot build the network with --init-channels {init_channels}: {e}') from None
 
 
+def leaves_parameters_unused(genotype):
+    """Whether some parameter of the network gets no gradient, which DDP must be told of (it waits for every one):
+    'noise' ignores its input, so a cell input or node read by nothing else leaves its preprocessing or its
+    operations out of the graph; so does a state no edge reads and the cell does not concatenate."""
+    if isinstance(genotype, str):   # NB201: every node is read, and 'none' keeps its input in the graph
+        return False
+    for edges, concat in ((genotype.normal, genotype.normal_concat), (genotype.reduce, genotype.reduce_concat)):
+        read = {i for op, i in edges if op != 'noise'} | set(concat)
+        if not set(range(len(edges) // 2 + 2)) <= read:
+            return True
+    return False
+
+
 def make_queues(args, device, rank, world, train=True):
     """-> (training batches or None, this rank's test batches, how many of its test images are real or None).
     In-memory datasets live whole on the device (GPULoader): every rank draws the same global batch and
@@ -520,7 +533,8 @@ def evaluate(forward, model, batches, autocast, device, world, limit=None):
 
 def _evaluate(forward, model, batches, autocast, device, world, limit):
     model.eval()
-    totals, seen = torch.zeros(4, dtype=torch.float64, device=device), 0
+    exact = torch.float32 if device.type == 'mps' else torch.float64   # MPS has no float64
+    totals, seen = torch.zeros(4, dtype=exact, device=device), 0
     for x, y in batches:
         if limit is not None:
             if seen >= limit:
@@ -686,7 +700,8 @@ def main(argv=None):
 
     model = raw
     if world > 1:  # DDP averages the gradients and hands rank 0's BN statistics to all before each forward
-        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if use_cuda else None)
+        model = torch.nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if use_cuda else None,
+                                                          find_unused_parameters=leaves_parameters_unused(genotype))
     train_forward = torch.compile(model) if args.compile else model
     eval_forward = torch.compile(raw) if args.compile else raw
 
