@@ -568,7 +568,7 @@ def run_genotype(run, space):
             epochs = read_json(history) if os.path.isfile(history) else []
             genotype = genotype_from_json(epochs[-1]['genotype'])[0] if epochs else None
     except (KeyError, TypeError, IndexError):
-        raise RunError(f"'{history}' is not a history search.py wrote") from None
+        raise RunError(f"'{run}': its genotype.json or history.json is not one search.py wrote") from None
     if genotype is not None:
         validate_genotype(genotype, space)
     return genotype
