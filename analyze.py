@@ -44,7 +44,7 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:   # ValueError: not JSON, or not UTF-8
         raise RunError(f"cannot read '{path}': {e}") from None
 
 

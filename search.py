@@ -230,6 +230,12 @@ def check_args(args):
         raise RunError('--mean-shift needs --ms-iters >= 1, --ms-samples >= 1, --ms-eps >= 0, --ms-bandwidth > 0')
     if not 0 < args.train_portion < 1:
         raise RunError('--train-portion must be between 0 and 1')
+    if args.lr_min > args.lr:
+        raise RunError(f'--lr-min {args.lr_min} is above --lr {args.lr}: the cosine schedule anneals down to it')
+    if not 0 < args.tau < math.inf:
+        raise RunError('--tau must be positive and finite')
+    if not 0 <= args.seed < 2 ** 32:
+        raise RunError('--seed must be in [0, 2**32)')
     return cfg
 
 
@@ -648,7 +654,7 @@ def redecode(args):
             settings = json.load(f)
         with open(os.path.join(run, 'weights.json')) as f:
             record = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:   # ValueError: not JSON, or not UTF-8
         raise RunError(f"cannot re-decode '{run}': it needs the args.json and weights.json of a finished search ({e})")
     if not (isinstance(settings, dict) and isinstance(record, dict) and {'space', 'dataset'} <= settings.keys()):
         raise RunError(f"cannot re-decode '{run}': its args.json and weights.json are not those of one finished search")
@@ -838,8 +844,9 @@ def main(argv=None):
             if (step + 1) % args.report_freq == 0 or step + 1 == steps:
                 t = totals.tolist()  # the only host synchronisation, once per report
                 if not all(map(math.isfinite, t)):
-                    raise RunError(f'the loss is not finite at epoch {epoch + 1} step {step + 1} (a learning rate '
-                                   f'or loss weight too large?); the last checkpoint is of epoch {epoch}')
+                    raise RunError(f'the loss is not finite at epoch {epoch + 1} step {step + 1} (a learning rate, '
+                                   f'loss weight or temperature out of range?); the last checkpoint is of epoch '
+                                   f'{epoch}')
                 log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} lr {lr:.4f} '
                     f'train loss {t[0] / seen:.3f} acc {100 * t[1] / seen:.1f}% | '
                     f'val loss {t[2] / seen:.3f} acc {100 * t[3] / seen:.1f}% | '

@@ -1256,6 +1256,10 @@ def _one_line_error(r, *words):
     (['--subset', '-100'], ['--subset must be']),
     (['--subset', '100000'], ['--subset 100000:', 'training images']),
     (['--device', 'meta'], ["device 'meta' is not supported"]),
+    (['--lr-min', '0.5'], ['--lr-min 0.5 is above --lr 0.025']),
+    (['--tau', 'inf'], ['--tau must be positive and finite']),
+    (['--seed', '-1'], ['--seed must be in [0, 2**32)']),
+    (['--nb201-table', ''], ['--nb201-table: an empty path']),
 ])
 def test_bad_flags(cifar, tmp_path, flags, words):
     _one_line_error(run_script('search.py', '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags), *words)
@@ -1273,6 +1277,17 @@ def test_a_device_or_process_count_the_run_cannot_use_is_refused(cifar, tmp_path
     with pytest.raises(train.RunError, match='--batch-size 7 does not split evenly over 2 processes'):
         search.main(['--data', cifar, '--save', str(tmp_path / 'r'), *TINY, '--batch-size', '7'])
     assert not os.path.exists(tmp_path / 'r')
+
+
+@pytest.mark.parametrize('script', ['search.py', 'train.py'])
+def test_a_diverging_run_stops_in_one_line_and_an_empty_path_is_refused(cifar, tmp_path, script):
+    """A loss gone to inf or NaN stops the run with one line (train.py wrote a report of NaN before); `--resume ""`
+    (an unset shell variable) is refused, not read as no --resume at all."""
+    flags = TINY if script == 'search.py' else ['--genotype', 'DARTS_V2', *TRAIN_TINY, '--layers', '3', '--epochs', '1']
+    r = run_script(script, '--data', cifar, '--save', str(tmp_path / 'r'), *flags, '--lr', '1e30')
+    _one_line_error(r, 'the loss is not finite at epoch 1')
+    assert not os.path.exists(tmp_path / 'r' / 'report.json')
+    _one_line_error(run_script(script, '--resume', ''), '--resume: an empty path')
 
 
 def test_bf16_probe_agrees_with_the_dil_conv_op():
@@ -1972,6 +1987,10 @@ def test_resume_refuses_a_hand_edited_args_json_in_one_line(tmp_path, script):
                   {'nesterov' if script == 'train' else 'unrolled': 'yes'}):
         (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', **flags}))
         with pytest.raises(train.RunError, match=f"args.json: {next(iter(flags))} = "):
+            resume()
+    for text in (b'\x82\xff', b'[1, 2]'):   # not JSON of flags: said so, not read as a run without flags
+        (run / 'args.json').write_bytes(text)
+        with pytest.raises(train.RunError, match='args.json.* (is unreadable|holds no flags)'):
             resume()
     (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'epochs': 3, 'lr': 1, 'amp': 'off'}))
     args = resume() if script == 'search' else train.get_args(['--resume', str(run)])

@@ -200,13 +200,16 @@ def started_with(run, parser=None):
     """The flags of run's args.json ({} when it has none that can be read). With parser, every flag the file holds
     must be a value that flag can take: a hand-edited or foreign args.json gives one clear error here, not a
     TypeError deep inside the run."""
+    path = os.path.join(run, 'args.json')
+    if not os.path.isfile(path):
+        return {}
     try:
-        with open(os.path.join(run, 'args.json')) as f:
+        with open(path) as f:
             flags = json.load(f)
-    except (OSError, ValueError):
-        return {}
+    except (OSError, ValueError) as e:   # ValueError: not JSON, or bytes that are not UTF-8
+        raise RunError(f"'{path}' is unreadable ({type(e).__name__}); correct it or start a new run") from None
     if not isinstance(flags, dict):
-        return {}
+        raise RunError(f"'{path}' holds no flags (a JSON object); correct it or start a new run")
     for action in parser._actions if parser else ():
         if action.dest in flags and not _fits(action, flags[action.dest]):
             raise RunError(f"{os.path.join(run, 'args.json')}: {action.dest} = {flags[action.dest]!r} is not a value "
@@ -271,10 +274,18 @@ class Throughput:
 
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line on stderr (no usage dump), exit status 2."""
+    PATHS = ('resume', 'redecode', 'eval', 'genotype', 'data', 'save', 'nb201_table', 'run', 'out')
 
     def error(self, message):
         print(f'{self.prog}: error: {message}', file=sys.stderr)
         sys.exit(2)
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        for dest in self.PATHS:   # '' would read as not given: `--resume "$RUN"` with RUN unset starts a new run
+            if getattr(ns, dest, None) == '':
+                self.error(f"--{dest.replace('_', '-')}: an empty path (an unset shell variable?)")
+        return ns, rest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +416,8 @@ def resolve_args(args):
             raise RunError(f"--{name.replace('_', '-')} must be a finite number, not negative")
     if not 0 <= args.momentum < 1:
         raise RunError('--momentum must be in [0, 1)')
+    if not 0 <= args.seed < 2 ** 32:
+        raise RunError('--seed must be in [0, 2**32)')
     if not 0 < args.lr < math.inf or not 0 < args.lr_gamma <= 1:
         raise RunError('--lr must be positive and finite and --lr-gamma in (0, 1]')
     if not 0 <= args.drop_path < 1 or not 0 <= args.label_smoothing < 1:
@@ -514,6 +527,9 @@ def train_epoch(forward, params, batches, steps, opt, scaler, autocast, args, wo
         seen, interval = seen + len(y), interval + 1
         if (step + 1) % args.report_freq == 0 or step + 1 == steps:
             t, n = reduce_sum(totals.clone(), world).tolist(), seen * world
+            if not all(map(math.isfinite, t)) and not scaler.is_enabled():   # fp16's scaler skips such steps itself
+                raise RunError(f'the loss is not finite at epoch {epoch + 1} step {step + 1} (a learning rate or loss '
+                               f'weight out of range?); the last checkpoint is of epoch {epoch}')
             log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} lr {lr:.3e} loss {t[0] / n:.4f} '
                 f'acc {100 * t[1] / n:.2f}% | {meter(interval, interval * len(y) * world)}')
             interval = 0
