@@ -107,7 +107,10 @@ def get_args(argv=None):
     if args.warmup < 0 or args.threads < 0:
         raise RunError('--warmup and --threads must not be negative')
     if args.data_images < args.data_batch_size:
-        raise RunError('--data-images must be at least --data-batch-size')
+        raise RunError('--data-images must be at least --data-batch-size (which follows --train-batch-size and '
+                       '--batch-size when not given)')
+    if 'train' not in args.skip and args.train_batch_size < 2:   # the auxiliary head's last BN sees 1x1 maps
+        raise RunError('--train-batch-size must be at least 2: the retraining step has an auxiliary head')
     if args.epoch_images < args.batch_size:
         raise RunError('--epoch-images must be at least --batch-size')
     return args

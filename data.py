@@ -551,11 +551,14 @@ def _throughput(argv=None):
         device = torch.device(a.device)
     except RuntimeError:
         ap.exit(2, f"error: --device {a.device}: not a device (cpu, cuda, cuda:1, mps)\n")
-    present = {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(device.type, lambda: True)
+    present = {'cuda': torch.cuda.is_available, 'mps': torch.backends.mps.is_available}.get(
+        device.type, lambda: device.type == 'cpu')   # 'meta' and the like hold no data
     if not present() or (device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count()):
         ap.exit(2, f"error: --device {a.device}: this torch sees no such device\n")
     torch.set_num_threads(a.threads)
     cfg = DATASETS[a.dataset]
+    if a.cutout > cfg['size']:
+        ap.exit(2, f"error: --cutout {a.cutout} is larger than the {cfg['size']}x{cfg['size']} images\n")
     if a.fake:
         x = torch.randint(0, 256, (50000, 3, cfg['size'], cfg['size']), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))

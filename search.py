@@ -707,6 +707,8 @@ def min_margin(margins):
 def main(argv=None):
     args = get_args(argv)
     if args.redecode:
+        if args.resume:
+            raise RunError('--redecode and --resume exclude each other: --redecode RUN decodes a finished run again')
         return redecode(args)
     cfg = check_args(args)
     rank, world, device = setup_distributed(args.device)

@@ -630,6 +630,7 @@ def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
     assert archs[0].startswith('|skip_connect~0|+') and archs[1].startswith('|none~0|+')
     _one_line_error(run_script('search.py', '--redecode', save, '--select', 'perturb'),
                     f'--resume {save} --select perturb')
+    _one_line_error(run_script('search.py', '--redecode', save, '--resume', save), 'exclude each other')
     bad = tmp_path / 'bad'   # a hand-edited args.json: one line, not a TypeError or KeyError
     bad.mkdir()
     shutil.copy(os.path.join(save, 'weights.json'), bad / 'weights.json')
@@ -2641,6 +2642,8 @@ def test_bench_bad_flags_are_one_line(tmp_path):
     _one_line_error(r, '--skip')
     r = run_script('bench.py', '--train-channels', '0', '--skip', 'search,memory,data')   # not the default's 0
     _one_line_error(r, '--train-channels must be at least 1')
+    r = run_script('bench.py', '--batch-size', '1', '--skip', 'search,memory,data')   # the retraining step's follows
+    _one_line_error(r, '--train-batch-size must be at least 2')
     # what search.py refuses, bench.py does not time: bf16 on the CPU where its dilated-convolution kernel is wrong
     if not search.dilated_bf16_grads_ok():
         r = run_script('bench.py', '--amp', 'bf16', '--device', 'cpu', '--init-channels', '2', '--layers', '3',
@@ -2664,6 +2667,8 @@ def test_data_throughput_tool_bad_input_is_one_line(tmp_path):
     _one_line_error(r, '--batch-size must be at least 1')
     r = run_script('data.py', '--fake', '--device', 'gpu')
     _one_line_error(r, '--device gpu: not a device')
+    _one_line_error(run_script('data.py', '--fake', '--device', 'meta'), '--device meta: this torch sees no such')
+    _one_line_error(run_script('data.py', '--fake', '--cutout', '33'), '--cutout 33 is larger than the 32x32')
     if not torch.cuda.is_available():
         r = run_script('data.py', '--fake', '--device', 'cuda')
         _one_line_error(r, '--device cuda: this torch sees no such device')
