@@ -2424,6 +2424,20 @@ def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
         assert decoder(torch.randn(1, model.feature_channels, 8, 8)).shape == (1, 3, 32, 32)
 
 
+def _count_calls(monkeypatch, module, *names):
+    """Wrap each module.name so that its calls are counted. -> {name: calls so far}."""
+    calls = dict.fromkeys(names, 0)
+
+    def counted(name, fn):
+        def wrapped(*args, **kw):
+            calls[name] += 1
+            return fn(*args, **kw)
+        return wrapped
+    for name in names:
+        monkeypatch.setattr(module, name, counted(name, getattr(module, name)))
+    return calls
+
+
 @pytest.mark.parametrize('space, method, flags', [
     *[(space, method, ['--mim', '1.0', '--mean-shift', '--arch-warmup', '0'])
       for space in G.SPACES for method in ('darts', 'midas')],   # both flags, every space, both methods
@@ -2432,16 +2446,7 @@ def test_mim_loss_is_zero_unmasked_and_trains_the_decoder():
     ('s3', 'midas', ['--unrolled']), ('nb201', 'darts', ['--unrolled', '--mim', '0.5']),   # second order, end to end
 ])
 def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, monkeypatch, space, method, flags):
-    calls = {'mim': 0, 'mean_shift': 0, 'unrolled': 0}
-
-    def counted(name, fn):
-        def wrapped(*args, **kw):
-            calls[name] += 1
-            return fn(*args, **kw)
-        return wrapped
-    monkeypatch.setattr(search, 'mim_loss', counted('mim', search.mim_loss))
-    monkeypatch.setattr(search, 'mean_shift_offsets', counted('mean_shift', search.mean_shift_offsets))
-    monkeypatch.setattr(search, 'unrolled_arch_step', counted('unrolled', search.unrolled_arch_step))
+    calls = _count_calls(monkeypatch, search, 'mim_loss', 'mean_shift_offsets', 'unrolled_arch_step')
     save = str(tmp_path / 'run')
     g = search.main(['--data', cifar, '--save', save, '--space', space, '--method', method, *TINY, *flags])
     G.validate_genotype(g, space)
@@ -2450,8 +2455,8 @@ def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, monkeypatch, space
     steps = 16 // 8   # --subset 32 split in two halves, batch 8: once in every step, only when asked
     # MIM is part of the training loss, which the unrolled step takes three more times: at w', w+ and w-
     mim = steps * ('--mim' in flags) * (4 if '--unrolled' in flags else 1)
-    assert calls == {'mim': mim, 'mean_shift': steps * ('--mean-shift' in flags),
-                     'unrolled': steps * ('--unrolled' in flags)}
+    assert calls == {'mim_loss': mim, 'mean_shift_offsets': steps * ('--mean-shift' in flags),
+                     'unrolled_arch_step': steps * ('--unrolled' in flags)}
 
 
 def test_aux_skip_adds_every_stride_one_input_and_decays_to_zero(monkeypatch):
@@ -2501,13 +2506,7 @@ def test_aux_skip_search_ends_without_the_skips(cifar, tmp_path):
 
 
 def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path, monkeypatch):
-    epochs = []   # the epoch of every architecture step, read from the weights' learning rate
-    arch_step = search.arch_step
-
-    def counted(model, params, opt, *args, **kw):
-        epochs.append(len(epochs))
-        return arch_step(model, params, opt, *args, **kw)
-    monkeypatch.setattr(search, 'arch_step', counted)
+    calls = _count_calls(monkeypatch, search, 'arch_step')
     torch.manual_seed(0)
     fresh = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=False))
     for n_epochs in (1, 2):
@@ -2520,7 +2519,7 @@ def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path, monkeypatch):
         assert arch.keys() == fresh_arch.keys()
         # still through the warm-up, moved by the steps after it: two, the second epoch's (16 images, batch 8)
         assert all(torch.equal(arch[k], fresh_arch[k]) for k in arch) == (n_epochs == 1)
-        assert len(epochs) == 2 * (n_epochs - 1)
+        assert calls['arch_step'] == 2 * (n_epochs - 1)
         with open(os.path.join(save, 'log.txt')) as f:   # a warm-up as long as the run: said, not silent
             assert ('no architecture step is taken' in f.read()) == (n_epochs == 1)
 

@@ -600,7 +600,8 @@ def evaluate_checkpoint(args):
         raise RunError(f"--eval {args.eval}: no checkpoint there (give a train.py run folder or its checkpoint.pt)")
     state = load_checkpoint(path, {}, [], fix='--eval takes the checkpoint.pt of a train.py run')
     config = state.get('config') or {}
-    flags = {a.dest: a for a in build_parser()._actions}
+    parser = build_parser()
+    flags = {a.dest: a for a in parser._actions}
     network = ('dataset', 'init_channels', 'layers', 'cells', 'auxiliary_weight')   # what --eval rebuilds it from
     if 'genotype' not in config or 'model' not in state or not all(
             k in config and _fits(flags[k], config[k]) for k in network):
@@ -610,7 +611,7 @@ def evaluate_checkpoint(args):
     # The run's network and dataset (and data folder, from its args.json); the whole test set unless --subset
     # says otherwise.
     _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})
-    started = started_with(os.path.dirname(os.path.abspath(path)), build_parser())
+    started = started_with(os.path.dirname(os.path.abspath(path)), parser)
     _fill(args, {'data': started.get('data'), 'amp': started.get('amp')})   # its precision: the same figure
     _fill(args, GENERAL)
     _fill(args, RUNTIME)
