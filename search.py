@@ -762,11 +762,10 @@ def main(argv=None):
         train_q.shard(rank, world)
         val_q.shard(rank, world)
     del x, y
-    if rank == 0:  # only now: bad flags or data leave no run folder behind
-        os.makedirs(args.save, exist_ok=True)
-
     model, mim_decoder, arch_params, weights, w_opt, arch_opt, forward, autocast = build_search(
         args, cfg, meta['num_classes'], device)
+    if rank == 0:  # only now: bad flags, data or a supernet too large for memory leave no run folder behind
+        os.makedirs(args.save, exist_ok=True)
     # MIM masks come from a generator of their own, seeded per rank and epoch: under torchrun each rank masks its
     # images differently, and a resumed run draws the masks an uninterrupted one drew. Mean-shift's points come
     # from one seeded per epoch alone: every rank must draw the same. The global generator, which built the same

@@ -1291,6 +1291,34 @@ def test_a_diverging_run_stops_in_one_line_and_an_empty_path_is_refused(cifar, t
     _one_line_error(run_script(script, '--resume', ''), '--resume: an empty path')
 
 
+@pytest.mark.parametrize('script', ['search.py', 'train.py'])
+def test_a_network_too_large_for_memory_is_one_line_and_leaves_no_run_folder(cifar, tmp_path, script):
+    """Out of memory is DARTS users' commonest complaint: it names the memory, the size asked for and the flags that
+    shrink the run. 10**7 channels ask for petabytes, which no machine's allocator grants."""
+    flags = TINY if script == 'search.py' else ['--genotype', 'DARTS_V2', *TRAIN_TINY, '--layers', '3', '--epochs', '1']
+    r = run_script(script, '--data', cifar, '--save', str(tmp_path / 'r'), *flags, '--init-channels', str(10**7))
+    _one_line_error(r, 'out of host memory (tried to allocate ', ' GiB)', '--batch-size', '--init-channels')
+    assert not os.path.exists(tmp_path / 'r')
+
+
+def test_out_of_memory_errors_are_told_apart_from_other_runtime_errors():
+    cuda = torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of '
+                                  '79.19 GiB of which 3.06 MiB is free.')
+    assert train.out_of_memory(cuda).startswith('out of device memory (tried to allocate 20.00 MiB)')
+    assert train.out_of_memory(RuntimeError('MPS backend out of memory')).startswith(
+        'out of device memory (tried to allocate more than is free)')
+    bug = RuntimeError('mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)')
+    assert train.out_of_memory(bug) is None
+
+    def fail(error):
+        raise error
+    with pytest.raises(SystemExit) as stop:   # out of memory: one line, exit 2
+        train.run_cli(lambda argv: fail(cuda))
+    assert stop.value.code == 2
+    with pytest.raises(RuntimeError, match='shapes cannot be multiplied'):   # a bug keeps its traceback
+        train.run_cli(lambda argv: fail(bug))
+
+
 def test_bf16_probe_agrees_with_the_dil_conv_op():
     """search.py refuses --amp bf16 on the CPU where dilated_bf16_grads_ok() finds the kernel wrong (torch 2.13.0's
     is): the probe must say so exactly when DARTS's own dil_conv ops, run as a search runs them (channels-last

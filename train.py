@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -43,15 +44,30 @@ def run_cli(main, argv=None):
     MIDAS_DEBUG=1 shows the traceback instead."""
     try:
         return main(argv)
-    except (RunError, ValueError, OSError) as e:
-        if os.environ.get('MIDAS_DEBUG'):
+    except (RunError, ValueError, OSError, RuntimeError) as e:
+        if os.environ.get('MIDAS_DEBUG') or (isinstance(e, RuntimeError) and not out_of_memory(e)):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = out_of_memory(e) or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         print(f'error: {msg}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         sys.exit(130)
+
+
+def out_of_memory(e):
+    """One line for an allocator's failure (CUDA, MPS or host memory), the commonest complaint of DARTS
+    users; None for any other error, which keeps its traceback."""
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or 'out of memory' in text or "can't allocate memory" in text):
+        return None
+    size = re.search(r'[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)', text)
+    size = size.group(1) if size else 'more than is free'
+    if size.endswith(' bytes'):
+        size = f'{int(size.split()[0]) / 2**30:.1f} GiB'
+    where = 'host memory' if "can't allocate memory" in text else 'device memory'
+    return (f'out of {where} (tried to allocate {size}): use a smaller --batch-size or network '
+            '(--init-channels, --layers, --cells)')
 
 
 def pick_device(name='auto'):
