@@ -712,14 +712,16 @@ def nb201_results(runs):
                                 for tests in ([h[e].get('nb201', {}).get('test') for _, _, h in runs_]
                                               for e in range(epochs)))
         eigs = [[h[e].get('hessian_eig') for _, _, h in runs_] for e in range(epochs)]
-        curvature = ' → '.join(f'{np.mean(v):.3g}' if None not in v else '–' for v in eigs)
+        rough = [any(h[e].get('hessian_settled') is False for _, _, h in runs_) for e in range(epochs)]
+        curvature = ' → '.join(('~' if r else '') + f'{np.mean(v):.3g}' if None not in v else '–'
+                               for v, r in zip(eigs, rough))
         rows.append([name, budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
                      mean_std([f['nb201']['valid'] for _, f, _ in runs_]),
                      mean_std([f['nb201']['test'] for _, f, _ in runs_]),
                      trajectory, curvature])
     # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
     header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch (§8 weights)',
-              "mean Hessian eigenvalue by epoch (--hessian-samples)"]
+              "mean Hessian eigenvalue by epoch (--hessian-samples; ~ a run's power iteration had not settled)"]
     if not any('hessian_eig' in e for g in groups.values() for _, _, h in g['runs'] for e in h):   # none measured it
         header, rows = header[:-1], [row[:-1] for row in rows]
     return table(header, rows)

@@ -591,7 +591,7 @@ def hessian_eigenvalue(model, arch_params, weights, batches, seed=0, iters=HESSI
     MIDAS it is the curvature in W_q, W_k, a parametrisation of its own: compare its course over the epochs, not
     its size against DARTS's. Read in eval mode (BN's running statistics, as the decode and the selection read
     the supernet) with the weights held constant; random draws are fenced off, so the search goes on exactly as
-    without it."""
+    without it. -> (eigenvalue, whether it settled within iters; if not, it is the last iterate's estimate)."""
     batches = list(batches)
     device = arch_params[0].device
 
@@ -601,7 +601,7 @@ def hessian_eigenvalue(model, arch_params, weights, batches, seed=0, iters=HESSI
     g = torch.Generator().manual_seed(seed)
     v = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(device) for p in arch_params]
     v = [u / norm(v) for u in v]
-    eig = 0.0
+    eig, settled = 0.0, False
     was_training = model.training
     model.eval()
     try:
@@ -611,11 +611,12 @@ def hessian_eigenvalue(model, arch_params, weights, batches, seed=0, iters=HESSI
                 eig, last = sum((h * u).sum() for h, u in zip(hv, v)).item(), eig   # v'Hv with |v| = 1
                 size = norm(hv)
                 if size == 0 or abs(eig - last) < 1e-3 * abs(eig):
+                    settled = True
                     break
                 v = [h / size for h in hv]
     finally:
         model.train(was_training)
-    return eig
+    return eig, settled
 
 
 def decode_costs(costs, args):
@@ -866,11 +867,14 @@ def main(argv=None):
             entry['nb201'] = score
         if args.hessian_samples and rank == 0:
             t_h = time.perf_counter()
-            entry['hessian_eig'] = hessian_eigenvalue(model, arch_params, weights,
-                                                      first_images(select_q, args.hessian_samples), args.seed)
+            entry['hessian_eig'], settled = hessian_eigenvalue(model, arch_params, weights,
+                                                               first_images(select_q, args.hessian_samples), args.seed)
+            if not settled:   # a slow power iteration: eigenvalues of the top two close in size
+                entry['hessian_settled'] = False
             log(f"epoch {epoch + 1} Hessian's largest eigenvalue {entry['hessian_eig']:.4g} (architecture "
                 f"parameters, {min(args.hessian_samples, select_q.n)} search-val images, "
-                f"{time.perf_counter() - t_h:.0f} s)")
+                f"{time.perf_counter() - t_h:.0f} s" + ('' if settled else
+                f'; still moving after {HESSIAN_ITERS} iterations: an estimate') + ')')
         history.append(entry)
         log(f'epoch {epoch + 1} genotype {genotype} (smallest decode margin {entry["min_margin"]:.4f})')
         if score:
