@@ -64,7 +64,8 @@ def out_of_memory(e):
     size = re.search(r'[Tt]ried to allocate ([\d.]+ ?[KMGT]i?B|\d+ bytes)', text)
     size = size.group(1) if size else 'more than is free'
     if size.endswith(' bytes'):
-        size = f'{int(size.split()[0]) / 2**30:.1f} GiB'
+        n = int(size.split()[0])
+        size = f'{n / 2**30:,.1f} GiB' if n >= 2**30 else f'{n:,} bytes'
     where = 'host memory' if "can't allocate memory" in text else 'device memory'
     return (f'out of {where} (tried to allocate {size}): use a smaller --batch-size or network '
             '(--init-channels, --layers, --cells)')
