@@ -2125,7 +2125,7 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
     save = str(tmp_path / 'run')
     report = train.main(['--genotype', 'DARTS_V2', '--dataset', 'imagenet', '--data', str(tmp_path), '--save', save,
                          '--epochs', '2', '--batch-size', '2', '--init-channels', '4', '--layers', '3',
-                         '--device', 'cpu', '--seed', '3'])
+                         '--device', 'cpu', '--seed', '3', '--workers', '2'])   # the default 8: more than 2 cores
     assert made == [(True, 2, False, 3), (False, 2, False)] and report['network'] == 'NetworkImageNet'
     with open(os.path.join(save, 'history.json')) as f:
         history = json.load(f)
