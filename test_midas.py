@@ -1308,7 +1308,7 @@ def test_out_of_memory_errors_are_told_apart_from_other_runtime_errors():
     assert train.out_of_memory(cuda).startswith('out of device memory (tried to allocate 20.00 MiB)')
     assert train.out_of_memory(RuntimeError('MPS backend out of memory')).startswith(
         'out of device memory (tried to allocate more than is free)')
-    mps = RuntimeError('MPS backend out of memory (MPS allocated: 9.1 GB). Tried to allocate 4096 bytes on private pool.')
+    mps = RuntimeError('MPS backend out of memory (MPS allocated: 9.1 GB). Tried to allocate 4096 bytes on a pool.')
     assert train.out_of_memory(mps).startswith('out of device memory (tried to allocate 4,096 bytes)')
     bug = RuntimeError('mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)')
     assert train.out_of_memory(bug) is None
