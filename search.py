@@ -869,12 +869,13 @@ def main(argv=None):
             t_h = time.perf_counter()
             entry['hessian_eig'], settled = hessian_eigenvalue(model, arch_params, weights,
                                                                first_images(select_q, args.hessian_samples), args.seed)
+            estimate = ''
             if not settled:   # a slow power iteration: eigenvalues of the top two close in size
                 entry['hessian_settled'] = False
+                estimate = f'; still moving after {HESSIAN_ITERS} iterations: an estimate'
             log(f"epoch {epoch + 1} Hessian's largest eigenvalue {entry['hessian_eig']:.4g} (architecture "
                 f"parameters, {min(args.hessian_samples, select_q.n)} search-val images, "
-                f"{time.perf_counter() - t_h:.0f} s" + ('' if settled else
-                f'; still moving after {HESSIAN_ITERS} iterations: an estimate') + ')')
+                f"{time.perf_counter() - t_h:.0f} s{estimate})")
         history.append(entry)
         log(f'epoch {epoch + 1} genotype {genotype} (smallest decode margin {entry["min_margin"]:.4f})')
         if score:

@@ -45,9 +45,10 @@ def run_cli(main, argv=None):
     try:
         return main(argv)
     except (RunError, ValueError, OSError, RuntimeError) as e:
-        if os.environ.get('MIDAS_DEBUG') or (isinstance(e, RuntimeError) and not out_of_memory(e)):
+        oom = out_of_memory(e)
+        if os.environ.get('MIDAS_DEBUG') or (isinstance(e, RuntimeError) and not oom):
             raise
-        msg = out_of_memory(e) or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        msg = oom or (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         print(f'error: {msg}', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -229,7 +230,7 @@ def started_with(run, parser=None):
         raise RunError(f"'{path}' holds no flags (a JSON object); correct it or start a new run")
     for action in parser._actions if parser else ():
         if action.dest in flags and not _fits(action, flags[action.dest]):
-            raise RunError(f"{os.path.join(run, 'args.json')}: {action.dest} = {flags[action.dest]!r} is not a value "
+            raise RunError(f"{path}: {action.dest} = {flags[action.dest]!r} is not a value "
                            f"of {action.option_strings[0]}; correct it or start a new run")
     return flags
 
