@@ -12,6 +12,8 @@ looks at the per-image weight w_i (the op's mixing weight averaged over the patc
   class-awareness one-way ANOVA of w_i by class: F (about 1 when the class does not matter) and eta^2
   discrimination  normalised entropy and top-1 margin of the mean weights of each edge (what decoding reads),
                   and the mean entropy of the per-patch weights (how decisively each patch picks)
+  scores          each op's logit less its edge's mean logit (MIDAS's score up to a constant per image and patch):
+                  its level and its spread over images and patches, which together make the mean weight
 Runtime needs torch and numpy only: PNGs are encoded here with zlib, and Graphviz's `dot` is used if on PATH.
 """
 import argparse
@@ -237,7 +239,7 @@ def record_weights(model, x, batch_size=64, keep_maps=0):
         edges = [f'{i}->{node}' for node, srcs in cell.nodes for i in srcs]
         records.append({'type': model.cell_type(cell), 'edges': edges, 'ops': [op.primitives for op in cell._ops],
                         'grid': None, 'w': [[] for _ in edges], 'patch_entropy': [[] for _ in edges],
-                        'maps': [[] for _ in edges]})
+                        'logit': [[] for _ in edges], 'logit_sq': [[] for _ in edges], 'maps': [[] for _ in edges]})
     batch = {'n': 0, 'seen': 0}
 
     def recorder(cell, n, w, gamma, pi):
@@ -247,6 +249,11 @@ def record_weights(model, x, batch_size=64, keep_maps=0):
             we = we.float().expand(batch['n'], -1, -1, -1)
             rec['grid'] = tuple(we.shape[-2:])
             rec['w'][e].append(we.mean((2, 3)).cpu().numpy())
+            # the scores up to one constant per image and patch: MIDAS's scores less their mean over the edge's ops
+            logit = we.clamp_min(1e-30).log()
+            logit = logit - logit.mean(1, keepdim=True)
+            rec['logit'][e].append(logit.mean((2, 3)).cpu().numpy())
+            rec['logit_sq'][e].append(logit.square().mean((2, 3)).cpu().numpy())
             ent = -(we * we.clamp_min(1e-12).log()).sum(1) / math.log(we.shape[1])
             rec['patch_entropy'][e].append(ent.mean((1, 2)).cpu().numpy())
             keep = keep_maps - batch['seen']
@@ -261,7 +268,7 @@ def record_weights(model, x, batch_size=64, keep_maps=0):
         model(xb, recorder=recorder)
         batch['seen'] += len(xb)
     for rec in records:
-        for key in ('w', 'patch_entropy', 'maps'):
+        for key in ('w', 'patch_entropy', 'logit', 'logit_sq', 'maps'):
             rec[key] = [np.concatenate(parts) if parts else None for parts in rec[key]]
     return records
 
@@ -343,8 +350,13 @@ def analyse(records, labels, bins=10):
             entropy, margin = sharpness(mean)
             b = [bimodality(w[:, j]) for j in range(len(ops))]
             sep = [class_separation(w[:, j], labels) for j in range(len(ops))]
+            score, spread = None, None
+            if rec.get('logit') is not None:   # mean and std over images and patches
+                score = rec['logit'][e].astype(np.float64).mean(0)
+                spread = np.sqrt(np.clip(rec['logit_sq'][e].astype(np.float64).mean(0) - score ** 2, 0, None))
+                score, spread = score.tolist(), spread.tolist()
             edges.append({'edge': name, 'ops': ops, 'mean': mean.tolist(), 'std': std.tolist(),
-                          'entropy': entropy, 'margin': margin,
+                          'score': score, 'score_std': spread, 'entropy': entropy, 'margin': margin,
                           'patch_entropy': float(rec['patch_entropy'][e].mean()),
                           'bimodality': b, 'unimodal': [v is None or v < UNIMODAL for v in b],
                           'class_f': [f for f, _ in sep], 'class_eta2': [v for _, v in sep],
@@ -478,6 +490,18 @@ def report_markdown(analysis, diagrams, mosaics, genotype):
             rows.append([e['edge']] + [cell_of.get(op, '') for op in ops])
         md.append(f"### Cell {c['cell']} ({c['type']}, {c['grid'][0]}x{c['grid'][1]} patches)\n")
         md.append(table(['edge'] + ops, rows))
+    if all(e.get('score') is not None for c in analysis['cells'] for e in c['edges']):
+        md.append('## Scores: level and spread\n')
+        md.append("Each op's logit less the mean logit of its edge's ops (for MIDAS its attention score up to one "
+                  'constant per image and patch), mean ± std over images and patches. A weight below one half grows '
+                  "with its logit's spread, so an op can lead an edge's mean weights with a lower mean score.\n")
+        for c in analysis['cells']:
+            ops = list(dict.fromkeys(op for e in c['edges'] for op in e['ops']))
+            rows = [[e['edge']] + [dict((op, f'{m:+.3f} ± {sd:.3f}') for op, m, sd in
+                                        zip(e['ops'], e['score'], e['score_std'])).get(op, '') for op in ops]
+                    for e in c['edges']]
+            md.append(f"### Cell {c['cell']} ({c['type']})\n")
+            md.append(table(['edge'] + ops, rows))
     return '\n'.join(md)
 
 

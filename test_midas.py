@@ -1601,7 +1601,10 @@ def test_analyze_statistics_match_hand_computation():
     a = np.where(y == 0, 0.7, 0.3) + np.linspace(0, 0.01, 40)
     rec = {'type': 'normal', 'edges': ['0->1', '0->2'], 'ops': [['a', 'b'], ['a', 'b']], 'grid': (2, 2),
            'w': [np.stack([a, 1 - a], 1), np.tile([[0.9, 0.1]], (40, 1))],
-           'patch_entropy': [np.full(40, 0.5), np.full(40, 0.4)]}
+           'patch_entropy': [np.full(40, 0.5), np.full(40, 0.4)],
+           # per image, the patches' mean centred logit and mean square: images alternate between +-1 and +-3
+           'logit': [np.tile([[1., -1.], [3., -3.]], (20, 1)), np.tile([[1.1, -1.1]], (40, 1))],
+           'logit_sq': [np.tile([[1., 1.], [9., 9.]], (20, 1)), np.tile([[1.21, 1.21]], (40, 1))]}
     cell = analyze.analyse([rec], y, bins=4)[0]
     moving, static = cell['edges']
     assert moving['mean'] == pytest.approx([a.mean(), 1 - a.mean()]) and moving['class_f'][0] > 1000
@@ -1610,6 +1613,8 @@ def test_analyze_statistics_match_hand_computation():
     assert sum(moving['hist'][0]['counts']) == 40 and moving['hist'][0]['counts'][1:3] == [0, 0]
     assert static['std'] == [0.0, 0.0] and static['unimodal'] == [True, True] and static['class_f'] == [None, None]
     assert static['margin'] == pytest.approx(0.8)
+    assert moving['score'] == pytest.approx([2, -2]) and moving['score_std'] == pytest.approx([1, 1])  # sqrt(5 - 4)
+    assert static['score'] == pytest.approx([1.1, -1.1]) and static['score_std'] == pytest.approx([0, 0], abs=1e-6)
     assert cell['margin'] == pytest.approx((abs(2 * a.mean() - 1) + 0.8) / 2)
     assert cell['patch_entropy'] == pytest.approx(0.45) and cell['unimodal_share'] == pytest.approx(0.5)
 
@@ -1644,6 +1649,17 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     avg = average_weights(model, [(x, y)])['normal']['weights']
     mine = np.mean([[w.mean(0) for w in r['w']] for r in records], 0)
     assert np.allclose(mine, np.array(avg), atol=1e-5)
+    # the report's scores are the attention's, less their mean over the edge's ops ('none' scores 0): cell 0, 0->1
+    scores = []
+    hook = model.search_cells()[0].attention[0].register_forward_hook(lambda m, i, out: scores.append(out))
+    edge = analyze.analyse(analyze.record_weights(model, x, batch_size=16), y.numpy())[0]['edges'][0]
+    hook.remove()
+    s = torch.cat(scores, 1)                                                     # 4 live ops x N x gh x gw
+    s = torch.cat([torch.zeros_like(s[:1]), s]).flatten(1).double()
+    centred = s - s.mean(0)
+    assert edge['ops'][0] == 'none' and centred.std(1).min() > 0.01
+    assert np.allclose(edge['score'], centred.mean(1).numpy(), atol=1e-4)
+    assert np.allclose(edge['score_std'], centred.std(1, correction=0).numpy(), atol=1e-3)
 
     for patch, run in runs.items():
         analysis = analyze.main(['report', '--run', run, '--data', cifar, '--samples', '40', '--images', '2',
@@ -1657,6 +1673,7 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
             assert len(c['edges']) == 6 and 0 <= c['entropy'] <= 1 and 0 <= c['unimodal_share'] <= 1
             assert all(sum(e['mean']) == pytest.approx(1, abs=1e-5) for e in c['edges'])
         report = open(os.path.join(folder, 'report.md')).read()
+        assert '## Scores: level and spread' in report
         linked = re.findall(r'\]\(([^)]+)\)', report)
         assert 'cell.dot' in linked and 'mosaic_cell0.png' in linked and '```mermaid' in report
         assert all(os.path.isfile(os.path.join(folder, name)) for name in linked)
