@@ -446,6 +446,16 @@ CELL_COLUMNS = [('entropy', 'entropy ↓'), ('margin', 'margin ↑'), ('patch_en
                 ('class_f', 'class F'), ('class_eta2', 'class η²'), ('unimodal_share', 'unimodal')]
 
 
+def edge_op_table(cell, mean_key, std_key, mean_format):
+    """A cell's edges as rows and the ops of its edges as columns, each entry 'mean ± std'."""
+    ops = list(dict.fromkeys(op for e in cell['edges'] for op in e['ops']))
+    rows = []
+    for e in cell['edges']:
+        by_op = {op: f'{m:{mean_format}} ± {sd:.3f}' for op, m, sd in zip(e['ops'], e[mean_key], e[std_key])}
+        rows.append([e['edge']] + [by_op.get(op, '') for op in ops])
+    return table(['edge'] + ops, rows)
+
+
 def report_markdown(analysis, diagrams, mosaics, genotype):
     s = analysis['settings']
     md = [f"# What the search decided: {analysis['name']}\n",
@@ -483,25 +493,16 @@ def report_markdown(analysis, diagrams, mosaics, genotype):
               "Sarle's bimodality coefficient below 5/9 (constant ones count as unimodal).\n")
     md.append('## Mean ± std of the per-image weights\n')
     for c in analysis['cells']:
-        ops = list(dict.fromkeys(op for e in c['edges'] for op in e['ops']))
-        rows = []
-        for e in c['edges']:
-            cell_of = {op: f'{m:.3f} ± {sd:.3f}' for op, m, sd in zip(e['ops'], e['mean'], e['std'])}
-            rows.append([e['edge']] + [cell_of.get(op, '') for op in ops])
         md.append(f"### Cell {c['cell']} ({c['type']}, {c['grid'][0]}x{c['grid'][1]} patches)\n")
-        md.append(table(['edge'] + ops, rows))
+        md.append(edge_op_table(c, 'mean', 'std', '.3f'))
     if all(e.get('score') is not None for c in analysis['cells'] for e in c['edges']):
         md.append('## Scores: level and spread\n')
         md.append("Each op's logit less the mean logit of its edge's ops (for MIDAS its attention score up to one "
                   'constant per image and patch), mean ± std over images and patches. A weight below one half grows '
                   "with its logit's spread, so an op can lead an edge's mean weights with a lower mean score.\n")
         for c in analysis['cells']:
-            ops = list(dict.fromkeys(op for e in c['edges'] for op in e['ops']))
-            rows = [[e['edge']] + [dict((op, f'{m:+.3f} ± {sd:.3f}') for op, m, sd in
-                                        zip(e['ops'], e['score'], e['score_std'])).get(op, '') for op in ops]
-                    for e in c['edges']]
             md.append(f"### Cell {c['cell']} ({c['type']})\n")
-            md.append(table(['edge'] + ops, rows))
+            md.append(edge_op_table(c, 'score', 'score_std', '+.3f'))
     return '\n'.join(md)
 
 
