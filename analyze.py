@@ -230,7 +230,8 @@ def load_images(settings, root, split, n, download=False):
 def record_weights(model, x, batch_size=64, keep_maps=0):
     """Run the supernet (eval mode) over normalised images x and keep, per search cell and edge: the
     per-image weights (mean over patches, N x J), the per-image mean normalised entropy of the patch
-    weights (N) and, for the first keep_maps images, the winning op of every patch (keep_maps x gh x gw).
+    weights (N), the per-image mean of each op's centred logit and of its square (N x J each) and, for the
+    first keep_maps images, the winning op of every patch (keep_maps x gh x gw).
     A static DARTS table (1 x J x 1 x 1) counts as the same weights for every image."""
     cells = model.search_cells()
     index = {id(c): i for i, c in enumerate(cells)}
@@ -249,12 +250,12 @@ def record_weights(model, x, batch_size=64, keep_maps=0):
             we = we.float().expand(batch['n'], -1, -1, -1)
             rec['grid'] = tuple(we.shape[-2:])
             rec['w'][e].append(we.mean((2, 3)).cpu().numpy())
+            log_w = we.clamp_min(1e-30).log()
             # the scores up to one constant per image and patch: MIDAS's scores less their mean over the edge's ops
-            logit = we.clamp_min(1e-30).log()
-            logit = logit - logit.mean(1, keepdim=True)
+            logit = log_w - log_w.mean(1, keepdim=True)
             rec['logit'][e].append(logit.mean((2, 3)).cpu().numpy())
             rec['logit_sq'][e].append(logit.square().mean((2, 3)).cpu().numpy())
-            ent = -(we * we.clamp_min(1e-12).log()).sum(1) / math.log(we.shape[1])
+            ent = -(we * log_w).sum(1) / math.log(we.shape[1])
             rec['patch_entropy'][e].append(ent.mean((1, 2)).cpu().numpy())
             keep = keep_maps - batch['seen']
             if keep > 0:
@@ -350,13 +351,10 @@ def analyse(records, labels, bins=10):
             entropy, margin = sharpness(mean)
             b = [bimodality(w[:, j]) for j in range(len(ops))]
             sep = [class_separation(w[:, j], labels) for j in range(len(ops))]
-            score, spread = None, None
-            if rec.get('logit') is not None:   # mean and std over images and patches
-                score = rec['logit'][e].astype(np.float64).mean(0)
-                spread = np.sqrt(np.clip(rec['logit_sq'][e].astype(np.float64).mean(0) - score ** 2, 0, None))
-                score, spread = score.tolist(), spread.tolist()
+            score = rec['logit'][e].astype(np.float64).mean(0)   # mean and std over images and patches
+            spread = np.sqrt(np.clip(rec['logit_sq'][e].astype(np.float64).mean(0) - score ** 2, 0, None))
             edges.append({'edge': name, 'ops': ops, 'mean': mean.tolist(), 'std': std.tolist(),
-                          'score': score, 'score_std': spread, 'entropy': entropy, 'margin': margin,
+                          'score': score.tolist(), 'score_std': spread.tolist(), 'entropy': entropy, 'margin': margin,
                           'patch_entropy': float(rec['patch_entropy'][e].mean()),
                           'bimodality': b, 'unimodal': [v is None or v < UNIMODAL for v in b],
                           'class_f': [f for f, _ in sep], 'class_eta2': [v for _, v in sep],
@@ -495,14 +493,13 @@ def report_markdown(analysis, diagrams, mosaics, genotype):
     for c in analysis['cells']:
         md.append(f"### Cell {c['cell']} ({c['type']}, {c['grid'][0]}x{c['grid'][1]} patches)\n")
         md.append(edge_op_table(c, 'mean', 'std', '.3f'))
-    if all(e.get('score') is not None for c in analysis['cells'] for e in c['edges']):
-        md.append('## Scores: level and spread\n')
-        md.append("Each op's logit less the mean logit of its edge's ops (for MIDAS its attention score up to one "
-                  'constant per image and patch), mean ± std over images and patches. A weight below one half grows '
-                  "with its logit's spread, so an op can lead an edge's mean weights with a lower mean score.\n")
-        for c in analysis['cells']:
-            md.append(f"### Cell {c['cell']} ({c['type']})\n")
-            md.append(edge_op_table(c, 'score', 'score_std', '+.3f'))
+    md.append('## Scores: level and spread\n')
+    md.append("Each op's logit less the mean logit of its edge's ops (for MIDAS its attention score up to one "
+              'constant per image and patch), mean ± std over images and patches. A weight below one half grows '
+              "with its logit's spread, so an op can lead an edge's mean weights with a lower mean score.\n")
+    for c in analysis['cells']:
+        md.append(f"### Cell {c['cell']} ({c['type']})\n")
+        md.append(edge_op_table(c, 'score', 'score_std', '+.3f'))
     return '\n'.join(md)
 
 
