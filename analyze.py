@@ -694,9 +694,18 @@ def mean_std(values, digits=2):
     return f'{a.mean():.{digits}f} ± {a.std():.{digits}f}' if len(a) > 1 else f'{a[0]:.{digits}f}'
 
 
-def nb201_results(runs):
-    """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories)."""
+# NAS-Bench-201's protocol reports the cell found on CIFAR-10 on the benchmark's two other datasets too
+TRANSFER_COLUMNS = {'cifar100': 'CIFAR-100', 'imagenet16-120': 'ImageNet16-120'}
+
+
+def nb201_results(runs, table_path=None):
+    """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories). The final cells'
+    CIFAR-100 and ImageNet16-120 accuracies are read from table_path (search.py --nb201-table) when given, else
+    from genotype.json where search.py wrote them."""
     groups, seen = {}, {}
+    if table_path:
+        import search   # imports this file: not at the top
+        nb201_table = search.load_nb201_table(table_path)
     training_keys, defaults = training_flags()   # a table names them only where its rows differ in them
     for run in dict.fromkeys(os.path.realpath(r) for r in runs):   # a folder named twice counts once
         settings = read_json(os.path.join(run, 'args.json'))
@@ -708,6 +717,8 @@ def nb201_results(runs):
         final = read_json(final_path) if os.path.isfile(final_path) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
+        if table_path:
+            final['nb201_datasets'] = search.nb201_scores(nb201_table, final.get('arch'))
         # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
         settings['select'] = final.get('select', 'weights')
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
@@ -723,6 +734,8 @@ def nb201_results(runs):
     # read as one setting twice); one that all rows share, such as the README recipe's decode sizes, is not
     varying = [(i, k) for i, k in enumerate(training_keys, len(SETTING_KEYS))
                if len({key[i] for key in groups} - {NOT_USED}) > 1]
+    transferred = any(d in f.get('nb201_datasets', {}) for g in groups.values() for _, f, _ in g['runs']
+                      for d in TRANSFER_COLUMNS)
     rows = []
     for key, g in groups.items():
         s, runs_ = g['settings'], sorted(g['runs'], key=lambda r: r[0])
@@ -737,12 +750,19 @@ def nb201_results(runs):
         rough = [any(h[e].get('hessian_settled') is False for _, _, h in runs_) for e in range(epochs)]
         curvature = ' → '.join(('~' if r else '') + f'{np.mean(v):.3g}' if None not in v else '–'
                                for v, r in zip(eigs, rough))
+        # a dataset some run of the row was not scored on (a run older than these scores) is '–'
+        transfer = [mean_std(values) if None not in values else '–'
+                    for d in TRANSFER_COLUMNS if transferred for split in ('valid', 'test')
+                    for values in [[f.get('nb201_datasets', {}).get(d, {}).get(split) for _, f, _ in runs_]]]
         rows.append([name, budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
                      mean_std([f['nb201']['valid'] for _, f, _ in runs_]),
                      mean_std([f['nb201']['test'] for _, f, _ in runs_]),
-                     trajectory, curvature])
+                     *transfer, trajectory, curvature])
     # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
-    header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test', 'mean test by epoch (§8 weights)',
+    header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test',
+              *(f'{label} {split}' for label in TRANSFER_COLUMNS.values() if transferred
+                for split in ('valid', 'test')),
+              'mean test by epoch (§8 weights)',
               "mean Hessian eigenvalue by epoch (--hessian-samples; ~ a run's power iteration had not settled)"]
     if not any('hessian_eig' in e for g in groups.values() for _, _, h in g['runs'] for e in h):   # none measured it
         header, rows = header[:-1], [row[:-1] for row in rows]
@@ -783,6 +803,9 @@ def get_args(argv=None):
     c.add_argument('--out', default=None, help='also write the table to this Markdown file')
     n = sub.add_parser('nb201', help='mean +- std of the NAS-Bench-201 accuracy of searched cells, by setting')
     n.add_argument('runs', nargs='+', help='run folders of search.py --space nb201 --nb201-table ...')
+    n.add_argument('--nb201-table', default=None,
+                   help="NAS-Bench-201 CSV: score each run's final cell on CIFAR-100 and ImageNet16-120 too (search.py "
+                        'writes these scores into genotype.json; runs older than that need the table)')
     n.add_argument('--out', default=None, help='also write the table to this Markdown file')
     args = p.parse_args(argv)
     for k in ('images', 'batch_size', 'bins'):
@@ -811,7 +834,7 @@ def main(argv=None):
                 raise RunError(f"these are not analysis.json files of `analyze.py report` ({type(e).__name__}: "
                                f"{e})") from None
         else:
-            text = nb201_results(args.runs)
+            text = nb201_results(args.runs, args.nb201_table)
         print(text)
         if args.out:
             write_bytes(args.out, text.encode())

@@ -272,6 +272,20 @@ def nb201_score(table, arch, dataset):
     return {'valid': row[f'{prefix}_valid'], 'test': row[f'{prefix}_test']}
 
 
+def nb201_scores(table, arch):
+    """{dataset: {'valid', 'test'}} for every NAS-Bench-201 dataset the table scores the cell on: the benchmark's
+    protocol searches on one dataset (CIFAR-10) and reports the cell it found on all three."""
+    if not isinstance(arch, str):
+        return {}
+    return {d: score for d in NB201_COLUMNS if (score := nb201_score(table, arch, d))}
+
+
+def other_datasets(scores, dataset):
+    """' (the same cell on cifar100: valid .. test ..; ...)' for the datasets a search was not run on, or ''."""
+    others = [f"{d}: valid {s['valid']:.2f} test {s['test']:.2f}" for d, s in scores.items() if d != dataset]
+    return f" (the same cell on {'; '.join(others)})" if others else ''
+
+
 def use_channels_last(device):
     """Channels-last (NHWC) images and supernet: faster with cuDNN, and on CPU too (oneDNN's depthwise and 1x1
     convolutions; the DARTS-space supernet's iteration is 1.9x faster on 2 cores: BENCHMARKS.md)."""
@@ -627,14 +641,16 @@ def decode_costs(costs, args):
     return genotype, record['margins']
 
 
-def write_result(save, genotype, record, space, score, args):
+def write_result(save, genotype, record, space, score, args, scores=None):
     """A finished search's outputs: weights.json (what it was decoded from), genotype.json (with the NB201
-    score when there is one, and the rule that chose it, which a resumed or re-decoded run may have changed
-    since args.json) and the cell diagrams."""
+    score when there is one, the cell's scores on every dataset of the table, and the rule that chose it, which
+    a resumed or re-decoded run may have changed since args.json) and the cell diagrams."""
     write_json(os.path.join(save, 'weights.json'), record)
     result = genotype_to_json(genotype, space)
     if score:
         result['nb201'] = score
+    if scores:
+        result['nb201_datasets'] = scores
     result['select'] = args.select
     if args.select == 'perturb':
         result['select_samples'] = args.select_samples
@@ -672,8 +688,10 @@ def redecode(args):
     score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
     if 'removal_costs' in record:   # a measurement of the supernet, still true; the cell it chose is replaced
         new['removal_costs'] = record['removal_costs']
-    write_result(run, genotype, new, settings['space'], score, args)
-    scored = f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}" if score else ''
+    scores = nb201_scores(table, genotype)
+    write_result(run, genotype, new, settings['space'], score, args, scores)
+    scored = (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}"
+              f"{other_datasets(scores, settings['dataset'])}" if score else '')
     print(f"{run}: {genotype}{scored}")
     return genotype
 
@@ -902,14 +920,16 @@ def main(argv=None):
         genotype, margins = decode_costs(costs, args)
         score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
         record.update(margins=margins, removal_costs=costs, by_weights=by_weights)
+    scores = nb201_scores(table, genotype)
     if rank == 0:
-        write_result(args.save, genotype, record, args.space, score, args)
+        write_result(args.save, genotype, record, args.space, score, args, scores)
     if os.environ.get('MIDAS_RANK_STATES'):  # every rank's final supernet, for the tests to compare across ranks
         save_checkpoint(os.path.join(args.save, f'rank{rank}-state.pt'),
                         {'model': model.state_dict(), 'genotype': genotype_to_json(genotype, args.space)})
     log(f'final genotype {genotype} (smallest decode margin {min_margin(record["margins"]):.4f})')
     if score:
-        log(f"final NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}")
+        log(f"final NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}"
+            f"{other_datasets(scores, args.dataset)}")
     log(f"wrote {os.path.join(args.save, 'genotype.json')}")
     return genotype
 

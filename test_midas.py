@@ -752,18 +752,37 @@ def test_tiny_search_writes_a_valid_genotype(cifar, tmp_path, space, method):
 
 
 def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
+    """The cell is scored on the dataset it was searched on, and, as NAS-Bench-201's protocol reports it, on the
+    table's other datasets too: in the log, in genotype.json, and in analyze.py's table (from genotype.json, or
+    from the table for a run older than these scores)."""
+    import analyze
     table = tmp_path / 'nb201.csv'
-    rows = ['index,arch,c10_valid,c10_test']
+    rows = ['index,arch,c10_valid,c10_test,c100_valid,c100_test,in16_valid,in16_test']
     for k, ops in enumerate(itertools.product(G.NB201_PRIMITIVES, repeat=6)):
-        rows.append(f'{k},{G.nb201_str(ops)},{k % 97 / 1.0},{k % 89 / 1.0}')
+        rows.append(f'{k},{G.nb201_str(ops)},{k % 97 / 1.0},{k % 89 / 1.0},{k % 83},{k % 79},{k % 73},{k % 71}')
     table.write_text('\n'.join(rows) + '\n')
     save = str(tmp_path / 'run')
     arch = search.main(['--data', cifar, '--save', save, '--space', 'nb201', '--nb201-table', str(table), *TINY])
     k = [G.nb201_str(ops) for ops in itertools.product(G.NB201_PRIMITIVES, repeat=6)].index(arch)
     out = capsys.readouterr().out
-    assert f'valid {k % 97:.2f} test {k % 89:.2f}' in out
+    others = (f'(the same cell on cifar100: valid {k % 83:.2f} test {k % 79:.2f}; imagenet16-120: valid '
+              f'{k % 73:.2f} test {k % 71:.2f})')
+    assert f'valid {k % 97:.2f} test {k % 89:.2f} {others}' in out
     with open(os.path.join(save, 'genotype.json')) as f:
-        assert json.load(f)['nb201'] == {'valid': k % 97, 'test': k % 89}
+        result = json.load(f)
+    assert result['nb201'] == {'valid': k % 97, 'test': k % 89}
+    assert result['nb201_datasets'] == {'cifar10': result['nb201'], 'cifar100': {'valid': k % 83, 'test': k % 79},
+                                        'imagenet16-120': {'valid': k % 73, 'test': k % 71}}
+    row = f'| {k % 97:.2f} | {k % 89:.2f} | {k % 83:.2f} | {k % 79:.2f} | {k % 73:.2f} | {k % 71:.2f} |'
+    text = analyze.nb201_results([save])
+    assert '| CIFAR-100 valid | CIFAR-100 test | ImageNet16-120 valid | ImageNet16-120 test |' in text and row in text
+    del result['nb201_datasets']   # a run older than these scores: '–' without the table, the scores with it
+    with open(os.path.join(save, 'genotype.json'), 'w') as f:
+        json.dump(result, f)
+    assert 'CIFAR-100' not in analyze.nb201_results([save])
+    assert row in analyze.nb201_results([save], str(table))
+    assert search.main(['--redecode', save, '--nb201-table', str(table)]) == arch   # re-decoded: scored again
+    assert others in capsys.readouterr().out
 
 
 def test_nb201_table_reads_the_datasets_own_columns(tmp_path):
