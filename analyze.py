@@ -696,6 +696,18 @@ def mean_std(values, digits=2):
 
 # NAS-Bench-201's protocol reports the cell found on CIFAR-10 on the benchmark's two other datasets too
 TRANSFER_COLUMNS = {'cifar100': 'CIFAR-100', 'imagenet16-120': 'ImageNet16-120'}
+SPLITS = ('valid', 'test')
+
+
+def transfer_cells(finals):
+    """Mean ± std of the runs' final cells on each dataset of TRANSFER_COLUMNS, valid then test; '–' where a run
+    was not scored on it (a run older than these scores, read without --nb201-table)."""
+    cells = []
+    for dataset in TRANSFER_COLUMNS:
+        for split in SPLITS:
+            values = [f.get('nb201_datasets', {}).get(dataset, {}).get(split) for f in finals]
+            cells.append(mean_std(values) if None not in values else '–')
+    return cells
 
 
 def nb201_results(runs, table_path=None):
@@ -750,18 +762,13 @@ def nb201_results(runs, table_path=None):
         rough = [any(h[e].get('hessian_settled') is False for _, _, h in runs_) for e in range(epochs)]
         curvature = ' → '.join(('~' if r else '') + f'{np.mean(v):.3g}' if None not in v else '–'
                                for v, r in zip(eigs, rough))
-        # a dataset some run of the row was not scored on (a run older than these scores) is '–'
-        transfer = [mean_std(values) if None not in values else '–'
-                    for d in TRANSFER_COLUMNS if transferred for split in ('valid', 'test')
-                    for values in [[f.get('nb201_datasets', {}).get(d, {}).get(split) for _, f, _ in runs_]]]
         rows.append([name, budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
                      mean_std([f['nb201']['valid'] for _, f, _ in runs_]),
                      mean_std([f['nb201']['test'] for _, f, _ in runs_]),
-                     *transfer, trajectory, curvature])
+                     *(transfer_cells([f for _, f, _ in runs_]) if transferred else []), trajectory, curvature])
     # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
     header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test',
-              *(f'{label} {split}' for label in TRANSFER_COLUMNS.values() if transferred
-                for split in ('valid', 'test')),
+              *([f'{label} {split}' for label in TRANSFER_COLUMNS.values() for split in SPLITS] if transferred else []),
               'mean test by epoch (§8 weights)',
               "mean Hessian eigenvalue by epoch (--hessian-samples; ~ a run's power iteration had not settled)"]
     if not any('hessian_eig' in e for g in groups.values() for _, _, h in g['runs'] for e in h):   # none measured it
