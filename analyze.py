@@ -712,8 +712,8 @@ def transfer_cells(finals):
 
 def nb201_results(runs, table_path=None):
     """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories). The final cells'
-    CIFAR-100 and ImageNet16-120 accuracies are read from table_path (search.py --nb201-table) when given, else
-    from genotype.json where search.py wrote them."""
+    accuracies, on the searched dataset and on CIFAR-100 and ImageNet16-120, are read from table_path
+    (search.py --nb201-table) when given, else from genotype.json where search.py wrote them."""
     groups, seen = {}, {}
     if table_path:
         import search   # imports this file: not at the top
@@ -729,8 +729,12 @@ def nb201_results(runs, table_path=None):
         final = read_json(final_path) if os.path.isfile(final_path) else None
         if not final or 'nb201' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
-        if table_path:
+        if table_path:   # every column from the one table, the searched dataset's too: a row mixes no two tables
             final['nb201_datasets'] = search.nb201_scores(nb201_table, final.get('arch'))
+            dataset = settings.get('dataset', 'cifar10')
+            final['nb201'] = search.nb201_score(nb201_table, final.get('arch'), dataset)   # as search.py scores it
+            if final['nb201'] is None:
+                raise RunError(f"'{run}': its cell {final.get('arch')} has no {dataset} score in '{table_path}'")
         # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
         settings['select'] = final.get('select', 'weights')
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
@@ -811,8 +815,8 @@ def get_args(argv=None):
     n = sub.add_parser('nb201', help='mean +- std of the NAS-Bench-201 accuracy of searched cells, by setting')
     n.add_argument('runs', nargs='+', help='run folders of search.py --space nb201 --nb201-table ...')
     n.add_argument('--nb201-table', default=None,
-                   help="NAS-Bench-201 CSV: score each run's final cell on CIFAR-100 and ImageNet16-120 too (search.py "
-                        'writes these scores into genotype.json; runs older than that need the table)')
+                   help="NAS-Bench-201 CSV: score each run's final cell from it, on CIFAR-100 and ImageNet16-120 too "
+                        '(search.py writes these scores into genotype.json; runs older than that need the table)')
     n.add_argument('--out', default=None, help='also write the table to this Markdown file')
     args = p.parse_args(argv)
     for k in ('images', 'batch_size', 'bins'):

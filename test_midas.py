@@ -781,6 +781,12 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
         json.dump(result, f)
     assert 'CIFAR-100' not in analyze.nb201_results([save])
     assert row in analyze.nb201_results([save], str(table))
+    other = tmp_path / 'other.csv'   # another table: every column of the row from it, none left from genotype.json
+    other.write_text('\n'.join([rows[0]] + [','.join(r.split(',')[:2] + ['1.5'] * 6) for r in rows[1:]]) + '\n')
+    assert '| 1.50 | 1.50 | 1.50 | 1.50 | 1.50 | 1.50 |' in analyze.nb201_results([save], str(other))
+    other.write_text('\n'.join(r for r in rows if f',{arch},' not in r) + '\n')
+    with pytest.raises(analyze.RunError, match='has no cifar10 score'):
+        analyze.nb201_results([save], str(other))
     assert search.main(['--redecode', save, '--nb201-table', str(table)]) == arch   # re-decoded: scored again
     assert others in capsys.readouterr().out
 
