@@ -616,7 +616,7 @@ UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
                'token_before_bn': False, 'score_bias': False, 'share_attention': False, 'detach_mixing': False,
                'edge_norm': False, 'aux_skip': False, 'token_bn': False, 'decorrelate': False,
-               'decorrelate_free': False}
+               'decorrelate_free': False, 'nesterov': False}
 
 
 def training_flags():

@@ -36,8 +36,8 @@ CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token
                'decorrelate_free', 'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed',
                'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min',
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
-               'ms_eps', 'ms_bandwidth', 'detach_mixing', 'aux_skip', 'momentum', 'weight_decay', 'grad_clip',
-               'arch_weight_decay', 'epoch_decode_samples', 'decode_samples', 'decode_none']
+               'ms_eps', 'ms_bandwidth', 'detach_mixing', 'aux_skip', 'momentum', 'nesterov', 'weight_decay',
+               'grad_clip', 'arch_weight_decay', 'epoch_decode_samples', 'decode_samples', 'decode_none']
 # flags newer than some runs, with the value those were run with, as analyze.py groups them (a checkpoint older
 # than a key that its run's args.json holds is checked against args.json)
 ADDED_KEYS = SETTING_OFF
@@ -133,6 +133,9 @@ def get_args(argv=None):
                    help='weight lr, cosine-annealed to --lr-min (default %(default)s)')
     p.add_argument('--lr-min', type=float, default=0.001, help='(default %(default)s)')
     p.add_argument('--momentum', type=float, default=0.9, help='(default %(default)s)')
+    p.add_argument('--nesterov', action=argparse.BooleanOptionalAction, default=False,
+                   help="Nesterov momentum in the weight step (NAS-Bench-201's own searches: --nesterov "
+                        '--weight-decay 5e-4; default %(default)s)')
     p.add_argument('--weight-decay', type=float, default=3e-4, help='(default %(default)s)')
     p.add_argument('--grad-clip', type=float, default=5.0,
                    help='gradient norm clip of the weight step; 0 = off (default %(default)s)')
@@ -219,6 +222,8 @@ def check_args(args):
             raise RunError(f"--{name.replace('_', '-')} must be a finite number, not negative")
     if not 0 <= args.momentum < 1:
         raise RunError('--momentum must be in [0, 1)')
+    if args.nesterov and args.momentum == 0:
+        raise RunError('--nesterov needs a --momentum above 0')
     if args.nb201_table and space['kind'] == 'nb201' and args.dataset not in NB201_COLUMNS:
         raise RunError(f'NAS-Bench-201 has no {args.dataset} results to score cells with: drop --nb201-table')
     if space['kind'] == 'darts' and args.layers < 3:
@@ -335,7 +340,8 @@ def build_search(args, cfg, num_classes, device, channels_last=None):
     arch_params, weights = model.arch_parameters(), model.weight_parameters()
     if mim_decoder is not None:
         weights += list(mim_decoder.parameters())
-    w_opt = torch.optim.SGD(weights, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    w_opt = torch.optim.SGD(weights, args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                            nesterov=args.nesterov)
     arch_opt = torch.optim.Adam(arch_params, args.arch_lr, betas=(0.5, 0.999), weight_decay=args.arch_weight_decay)
     forward = torch.compile(model) if args.compile else model
     _, autocast, _ = amp_setup(args.amp, device)   # auto: bf16 on a CUDA GPU that has it (not a V100), else off
@@ -444,9 +450,10 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None):
 
 def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, batch_train, lr, args, world,
                        autocast, mim=None):
-    """DARTS's second-order step: the gradient at w' = w - lr * dL_train/dw, with the Hessian-vector
-    product by finite differences (eps = 0.01 / ||dL_val/dw'||). Weights are restored afterwards. L_train is
-    the weight step's loss (with mim, on one masking of the batch for the whole step)."""
+    """DARTS's second-order step: the gradient at w' = w - lr * dL_train/dw (the weight optimizer's step: its
+    momentum, weight decay and Nesterov too), with the Hessian-vector product by finite differences (eps = 0.01 /
+    ||dL_val/dw'||). Weights are restored afterwards. L_train is the weight step's loss (with mim, on one masking of
+    the batch for the whole step)."""
     (x_val, y_val), (x_tr, y_tr) = batch_val, batch_train
     arch_opt.zero_grad(set_to_none=True)
     backup = [p.detach().clone() for p in weights]
@@ -460,12 +467,11 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
         g_train = torch.autograd.grad(l_train(args.detach_mixing), weights)
     all_reduce_mean(list(g_train), world)
     with torch.no_grad():
-        for p, g in zip(weights, g_train):  # the virtual SGD step, momentum and weight decay included
+        for p, g in zip(weights, g_train):  # the step torch.optim.SGD would take, without changing its buffer
+            d = g + args.weight_decay * p
             buf = w_opt.state.get(p, {}).get('momentum_buffer')
-            step = g + args.weight_decay * p
-            if buf is not None:
-                step = step + args.momentum * buf
-            p.sub_(lr * step)
+            buf = d if buf is None else args.momentum * buf + d
+            p.sub_(lr * (d + args.momentum * buf if args.nesterov else buf))
     with autocast():
         logits = model(x_val)
         loss = F.cross_entropy(logits, y_val)
@@ -484,8 +490,10 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
     with torch.no_grad():
         for p, b in zip(weights, backup):
             p.copy_(b)
+    # dw'/da = -lr d2L_train/dw da, times 1 + momentum with Nesterov's step, which takes the gradient twice
+    scale = lr * (1 + args.momentum if args.nesterov else 1)
     for p, g, hp, hm in zip(arch_params, d_arch, *hessian):
-        p.grad = g - lr * (hp - hm) / (2 * eps)
+        p.grad = g - scale * (hp - hm) / (2 * eps)
     all_reduce_mean([p.grad for p in arch_params], world)
     arch_opt.step()
     return loss.detach(), (logits.argmax(1) == y_val).sum()

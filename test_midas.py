@@ -1,5 +1,6 @@
 """Tests: run with `python -m pytest -q test_midas.py` (a few minutes on 2 CPU cores).
 They make their own data in the official file formats and never need ../shared."""
+import copy
 import itertools
 import json
 import math
@@ -1276,6 +1277,7 @@ def _one_line_error(r, *words):
     (['--lr', 'nan'], ['--lr must be positive and finite']),
     (['--grad-clip', '-1'], ['--grad-clip must be a finite number']),
     (['--momentum', '1'], ['--momentum must be in [0, 1)']),
+    (['--nesterov', '--momentum', '0'], ['--nesterov needs a --momentum above 0']),
     (['--mim', 'nan'], ['--mim needs']),
     (['--decode-samples', '-5'], ['--decode-samples']),
     (['--select-samples', '-5'], ['--select-samples']),
@@ -1496,7 +1498,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path):
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
     old = ['--no-edge-norm']   # the one of them on by default today
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--share-attention', '--detach-mixing',
-                 '--edge-norm', '--aux-skip', '--token-bn', '--decorrelate', '--decorrelate-free'):
+                 '--edge-norm', '--aux-skip', '--token-bn', '--decorrelate', '--decorrelate-free', '--nesterov'):
         r = run_script('search.py', '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
@@ -2447,22 +2449,29 @@ class _Toy(torch.nn.Module):
         return torch.tanh(x @ w) @ a.softmax(0)
 
 
-def test_unrolled_step_is_the_gradient_through_the_virtual_step():
-    """--unrolled (DARTS's second order): the architecture gradient is d/da L_val(w - lr (dL_train/dw + wd w +
-    momentum buf), a), its Hessian term by finite differences. Against autograd's exact derivative at lr 0.5 (at
-    lr 0 the Hessian term vanishes, so a wrong sign or scale of it shows only here)."""
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_unrolled_step_is_the_gradient_through_the_virtual_step(nesterov):
+    """--unrolled (DARTS's second order): the architecture gradient is d/da L_val(w', a), w' the weights after the
+    step the weight optimizer would take (w - lr (d + momentum buf), d = dL_train/dw + wd w; with --nesterov
+    w - lr (d + momentum (momentum buf + d))), its Hessian term by finite differences. Against autograd's exact
+    derivative at lr 0.5 (at lr 0 the Hessian term vanishes, so a wrong sign or scale of it shows only here)."""
     from search import unrolled_arch_step
     model = _Toy()
     g = torch.Generator().manual_seed(1)
     x_tr, x_val = torch.randn(2, 8, 4, generator=g, dtype=torch.float64)
     y_tr, y_val = torch.randint(0, 3, (2, 8), generator=g)
-    args, lr = search.get_args([]), 0.5
-    w_opt = torch.optim.SGD([model.w], lr, momentum=args.momentum)
+    args, lr = search.get_args(['--nesterov'] if nesterov else []), 0.5
+    w_opt = torch.optim.SGD([model.w], lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=nesterov)
     buf = torch.randn(4, 3, generator=g, dtype=torch.float64)
     w_opt.state[model.w]['momentum_buffer'] = buf
     w, a = model.w.detach().clone().requires_grad_(), model.a.detach().clone().requires_grad_()
     d_train = torch.autograd.grad(F.cross_entropy(model(x_tr, w, a), y_tr), w, create_graph=True)[0]
-    w_virtual = w - lr * (d_train + args.weight_decay * w + args.momentum * buf)
+    d = d_train + args.weight_decay * w
+    w_virtual = w - lr * (d + args.momentum * (args.momentum * buf + d) if nesterov else d + args.momentum * buf)
+    real = copy.deepcopy(w_opt)   # the formula above is the step PyTorch's SGD takes
+    real.param_groups[0]['params'][0].grad = d_train.detach()
+    real.step()
+    torch.testing.assert_close(real.param_groups[0]['params'][0], w_virtual.detach())
     exact = torch.autograd.grad(F.cross_entropy(model(x_val, w_virtual, a), y_val), a)[0]
     unrolled_arch_step(model, [model.a], [model.w], torch.optim.SGD([model.a], 0.0), w_opt, (x_val, y_val),
                        (x_tr, y_tr), lr, args, 1, _no_autocast)
