@@ -467,12 +467,14 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
     with frozen(arch_params):  # the virtual step takes the gradient the real weight step takes
         g_train = torch.autograd.grad(l_train(args.detach_mixing), weights)
     all_reduce_mean(list(g_train), world)
+    sgd = w_opt.param_groups[0]   # its own momentum, weight decay and Nesterov (build_search makes one group)
+    momentum, nesterov = sgd['momentum'], sgd['nesterov']
     with torch.no_grad():
         for p, g in zip(weights, g_train):  # the step torch.optim.SGD would take, without changing its buffer
-            d = g + args.weight_decay * p
+            d = g + sgd['weight_decay'] * p
             buf = w_opt.state.get(p, {}).get('momentum_buffer')
-            buf = d if buf is None else args.momentum * buf + d
-            p.sub_(lr * (d + args.momentum * buf if args.nesterov else buf))
+            buf = d if buf is None else momentum * buf + d
+            p.sub_(lr * (d + momentum * buf if nesterov else buf))
     with autocast():
         logits = model(x_val)
         loss = F.cross_entropy(logits, y_val)
@@ -492,7 +494,7 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
         for p, b in zip(weights, backup):
             p.copy_(b)
     # dw'/da = -lr d2L_train/dw da, times 1 + momentum with Nesterov's step, which takes the gradient twice
-    scale = lr * (1 + args.momentum if args.nesterov else 1)
+    scale = lr * (1 + momentum if nesterov else 1)
     for p, g, hp, hm in zip(arch_params, d_arch, *hessian):
         p.grad = g - scale * (hp - hm) / (2 * eps)
     all_reduce_mean([p.grad for p in arch_params], world)
