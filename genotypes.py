@@ -7,9 +7,7 @@ input and 3 nodes) and, per cell type, the candidate ops of every edge in node-m
 import ast
 import itertools
 import json
-import math
 import os
-import re
 from collections import namedtuple
 
 Genotype = namedtuple('Genotype', 'normal normal_concat reduce reduce_concat')
@@ -312,11 +310,11 @@ def _check_shape(ops_per_edge, weights):
 
 
 def _best_op(ops, w):
-    """Argmax over non-'none' candidates, with the margin to the runner-up (METHOD.md §12 asks for it). An exact
-    tie goes to the first candidate, as argmax."""
+    """Argmax over non-'none' candidates, with the margin to the runner-up (METHOD.md §12 asks for it; None where
+    there is no runner-up: JSON has no infinity). An exact tie goes to the first candidate, as argmax."""
     ranked = sorted((x, -j, op) for j, (op, x) in enumerate(zip(ops, w)) if op != 'none')
     best = ranked[-1]
-    margin = best[0] - ranked[-2][0] if len(ranked) > 1 else math.inf
+    margin = best[0] - ranked[-2][0] if len(ranked) > 1 else None
     return best[2], best[0], margin
 
 
@@ -334,11 +332,11 @@ def decode_darts_cell(ops_per_edge, weights, pairs=None):
             pi = pairs[node - 2]
             order = sorted(range(len(pi)), key=lambda p: -pi[p])
             kept = node_pairs(len(inputs))[order[0]]
-            node_margin = pi[order[0]] - pi[order[1]] if len(order) > 1 else math.inf
+            node_margin = pi[order[0]] - pi[order[1]] if len(order) > 1 else None
         else:
             order = sorted(inputs, key=lambda i: -best[i][1])
             kept = sorted(order[:2])
-            node_margin = best[order[1]][1] - best[order[2]][1] if len(order) > 2 else math.inf
+            node_margin = best[order[1]][1] - best[order[2]][1] if len(order) > 2 else None
         for i in sorted(kept):
             cell.append((best[i][0], i))
             margins.append({'node': node, 'input': i, 'op': best[i][0], 'op_margin': best[i][2],

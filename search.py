@@ -190,7 +190,7 @@ def resumed_flags(args, parser, argv):
     """--resume RUN: every flag not on the command line takes the value RUN was started with (its args.json;
     a flag newer than the run, the value it ran with: ADDED_KEYS). Given flags stay, for main to check against
     the checkpoint."""
-    started = started_with(args.resume, parser)
+    started = started_with(args.resume, parser, 'search.py')
     if not started:
         return   # no args.json: the defaults, checked against the checkpoint's configuration
     unset = object()   # a namespace pre-filled with it keeps argparse's defaults out: what remains was given
@@ -728,8 +728,14 @@ def first_images(loader, n_images):
 
 
 def min_margin(margins):
-    values = [m[key] for ms in margins.values() for m in ms for key in ('op_margin', 'edge_margin') if key in m]
-    return min(values) if values else float('nan')
+    """The smallest margin of a decode; None where no choice had a runner-up."""
+    values = [m[key] for ms in margins.values() for m in ms for key in ('op_margin', 'edge_margin')
+              if m.get(key) is not None]
+    return min(values) if values else None
+
+
+def margin_text(margin):
+    return 'none: no choice had a runner-up' if margin is None else f'{margin:.4f}'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -906,7 +912,7 @@ def main(argv=None):
                 f"parameters, {min(args.hessian_samples, select_q.n)} search-val images, "
                 f"{time.perf_counter() - t_h:.0f} s{estimate})")
         history.append(entry)
-        log(f'epoch {epoch + 1} genotype {genotype} (smallest decode margin {entry["min_margin"]:.4f})')
+        log(f'epoch {epoch + 1} genotype {genotype} (smallest decode margin {margin_text(entry["min_margin"])})')
         if score:
             log(f"epoch {epoch + 1} NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}")
         rng = rng_states(device, world)   # a collective: every rank takes part
@@ -937,7 +943,7 @@ def main(argv=None):
     if os.environ.get('MIDAS_RANK_STATES'):  # every rank's final supernet, for the tests to compare across ranks
         save_checkpoint(os.path.join(args.save, f'rank{rank}-state.pt'),
                         {'model': model.state_dict(), 'genotype': genotype_to_json(genotype, args.space)})
-    log(f'final genotype {genotype} (smallest decode margin {min_margin(record["margins"]):.4f})')
+    log(f'final genotype {genotype} (smallest decode margin {margin_text(min_margin(record["margins"]))})')
     if score:
         log(f"final NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}"
             f"{other_datasets(scores, args.dataset)}")

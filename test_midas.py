@@ -741,6 +741,9 @@ def test_tiny_search_writes_a_valid_genotype(cifar, tmp_path, space, method):
             assert all(cell[2 * k][1] != cell[2 * k + 1][1] for k in range(4))
     for name in ('log.txt', 'args.json', 'history.json', 'weights.json', 'checkpoint.pt'):
         assert os.path.isfile(os.path.join(save, name)), name
+    for name in ('genotype.json', 'args.json', 'history.json', 'weights.json'):   # strict JSON: no Infinity, NaN
+        with open(os.path.join(save, name)) as f:
+            json.load(f, parse_constant=lambda token: pytest.fail(f'{name} holds {token}'))
     with open(os.path.join(save, 'weights.json')) as f:
         record = json.load(f)
     assert set(record['weights']) == ({'normal'} if space == 'nb201' else {'normal', 'reduce'})
@@ -1974,6 +1977,9 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     ckpt = kill_after_first_checkpoint(args, killed)
     assert torch.load(ckpt, weights_only=False)['epoch'] < 3
     assert not os.path.exists(os.path.join(killed, 'report.json'))
+    fp16 = str(tmp_path / 'fp16')   # a run saved without fp16 (an empty scaler state) goes on with it
+    shutil.copytree(killed, fp16)
+    assert train.main(['--resume', fp16, '--amp', 'fp16'])['amp'] == 'fp16'
 
     r = run_script('train.py', '--resume', killed)  # the run's own flags, data and genotype
     assert r.returncode == 0, r.stderr
@@ -2009,6 +2015,12 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     again.pop('wall_time_s')
     assert again == {k: v for k, v in reports[0].items() if k != 'history'}
     assert 'training again from the start' in (early / 'log.txt').read_text()
+    # killed between its args.json and its genotype.json (a run of older code: the two are now written the other
+    # way round): the user is told the cell to name
+    older = tmp_path / 'older'
+    older.mkdir()
+    shutil.copy(os.path.join(full, 'args.json'), older / 'args.json')
+    _one_line_error(_train_cli(capsys, '--resume', str(older)), 'has no genotype.json', f'--genotype {NOISY}')
 
 
 def test_ddp_is_told_when_a_genotype_leaves_parameters_without_gradient():
@@ -2058,23 +2070,29 @@ def test_resume_refuses_a_hand_edited_args_json_in_one_line(tmp_path, script):
     (run / 'genotype.json').write_text(json.dumps(G.genotype_to_json(G.DARTS_V2, 'darts')))
     resume = lambda: (train.resolve_args(train.get_args(['--resume', str(run)])) if script == 'train'
                       else search.get_args(['--resume', str(run)]))
+    own = {'method': 'midas'} if script == 'search' else {}   # only a search's args.json holds 'method'
     for flags in ({'epochs': 'ten'}, {'epochs': 2.5}, {'lr': True}, {'amp': 'fp8'},
                   *([{'seed': None}] if script == 'search' else []),   # train's unset flags are None
                   {'nesterov' if script == 'train' else 'unrolled': 'yes'}):
-        (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', **flags}))
+        (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', **own, **flags}))
         with pytest.raises(train.RunError, match=f"args.json: {next(iter(flags))} = "):
             resume()
     for text in (b'\x82\xff', b'[1, 2]'):   # not JSON of flags: said so, not read as a run without flags
         (run / 'args.json').write_bytes(text)
         with pytest.raises(train.RunError, match='args.json.* (is unreadable|holds no flags)'):
             resume()
-    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'epochs': 3, 'lr': 1, 'amp': 'off'}))
+    # the other script's run folder, by name (train's unset flags would not fit search's parser, and the reverse)
+    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'cells': None, **({} if own else
+                                                                                         {'method': 'midas'})}))
+    with pytest.raises(train.RunError, match='is not a search.py run' if own else 'is a search.py run: retrain'):
+        resume()
+    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', **own, 'epochs': 3, 'lr': 1, 'amp': 'off'}))
     args = resume() if script == 'search' else train.get_args(['--resume', str(run)])
     if script == 'train':
         train.resolve_args(args)
     assert (args.epochs, args.lr, args.amp) == (3, 1, 'off')
     # --compile can be turned off for the rest of a run that was compiled (a machine where compiling fails)
-    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', 'compile': True}))
+    (run / 'args.json').write_text(json.dumps({'dataset': 'cifar10', **own, 'compile': True}))
     for given, compiled in (([], True), (['--no-compile'], False)):
         argv = ['--resume', str(run), *given]
         args = search.get_args(argv) if script == 'search' else train.get_args(argv)
@@ -2123,6 +2141,7 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'BYTES'], ['cannot read genotype file', 'bytes.json']),
     (['--genotype', 'DARTS_V2', '--batch-size', '1'], ['one image', 'auxiliary head needs two']),
     (['--eval', 'PARTIAL'], ['is not a train.py checkpoint']),   # its network's sizes are missing
+    (['--eval', 'PARTIAL', '--genotype', 'DARTS_V1'], ['leave out --genotype']),   # not silently another cell
 ])
 def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
     s2 = tmp_path / 'genotype.json'

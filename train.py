@@ -214,10 +214,11 @@ def resume_folder(args):
     return args.resume
 
 
-def started_with(run, parser=None):
+def started_with(run, parser=None, script=None):
     """The flags of run's args.json ({} when it has none that can be read). With parser, every flag the file holds
     must be a value that flag can take: a hand-edited or foreign args.json gives one clear error here, not a
-    TypeError deep inside the run."""
+    TypeError deep inside the run. script ('search.py' or 'train.py', the one resuming): the other's run folder
+    is refused by name (only a search's args.json holds 'method')."""
     path = os.path.join(run, 'args.json')
     if not os.path.isfile(path):
         return {}
@@ -228,6 +229,11 @@ def started_with(run, parser=None):
         raise RunError(f"'{path}' is unreadable ({type(e).__name__}); correct it or start a new run") from None
     if not isinstance(flags, dict):
         raise RunError(f"'{path}' holds no flags (a JSON object); correct it or start a new run")
+    if script == 'train.py' and 'method' in flags:
+        raise RunError(f"'{run}' is a search.py run: retrain its cell with --genotype "
+                       f"{os.path.join(run, 'genotype.json')}")
+    if script == 'search.py' and 'method' not in flags:
+        raise RunError(f"'{run}' is not a search.py run (a train.py run?): search.py --resume continues a search")
     for action in parser._actions if parser else ():
         if action.dest in flags and not _fits(action, flags[action.dest]):
             raise RunError(f"{path}: {action.dest} = {flags[action.dest]!r} is not a value "
@@ -394,11 +400,15 @@ def resolve_args(args):
     """Fill the unset flags (from the run being resumed, then the protocol of this genotype and dataset)
     and check them. -> (genotype or NB201 arch string, space name or None)."""
     if args.resume:
-        saved = started_with(args.resume, build_parser())
+        saved = started_with(args.resume, build_parser(), 'train.py')
         if not saved:
             raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)")
         _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
-        args.genotype = args.genotype or os.path.join(args.resume, 'genotype.json')
+        if not args.genotype:
+            args.genotype = os.path.join(args.resume, 'genotype.json')
+            if not os.path.isfile(args.genotype):   # killed between its args.json and its genotype.json
+                raise RunError(f"'{args.resume}' has no genotype.json: add --genotype {saved.get('genotype')}, "
+                               "the cell it was started with")
         args.save = resume_folder(args)
     if not args.genotype:
         raise RunError('--genotype is required: a genotype.json, a published name such as DARTS_V2, '
@@ -657,6 +667,8 @@ def main(argv=None):
     if args.eval:
         if args.resume:
             raise RunError('--eval and --resume exclude each other')
+        if args.genotype is not None:
+            raise RunError('--eval reads the cell from the checkpoint; leave out --genotype')
         return evaluate_checkpoint(args)
     genotype, space = resolve_args(args)
     rank, world, device = setup_distributed(args.device)
@@ -710,9 +722,9 @@ def main(argv=None):
 
     # The run folder is written only once data and network are in place: bad input leaves nothing behind.
     if rank == 0 and state is None:
-        os.makedirs(args.save, exist_ok=True)
-        write_json(os.path.join(args.save, 'args.json'), vars(args))
+        os.makedirs(args.save, exist_ok=True)   # args.json last: a folder with it holds the whole start of a run
         write_json(os.path.join(args.save, 'genotype.json'), config['genotype'])
+        write_json(os.path.join(args.save, 'args.json'), vars(args))
     log = Logger(args.save, rank)
     start_epoch, history, wall = 0, [], 0.0
     if state is not None:
@@ -720,7 +732,8 @@ def main(argv=None):
             raw.load_state_dict(state['model'])
             opt.load_state_dict(state['optimizer'])
             scheduler.load_state_dict(state['scheduler'])
-            scaler.load_state_dict(state['scaler'])
+            if state['scaler']:   # empty when saved without fp16: a resume that adds --amp fp16 starts a fresh scale
+                scaler.load_state_dict(state['scaler'])
             if state['train_q'] is not None:
                 train_q.load_state_dict(state['train_q'])
             set_rng_states(state['rng'], rank, device)
