@@ -452,7 +452,7 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
                        autocast, mim=None):
     """DARTS's second-order step: the gradient at w' = w - lr * dL_train/dw (the weight optimizer's step: its
     momentum, weight decay and Nesterov too), with the Hessian-vector product by finite differences (eps = 0.01 /
-    ||dL_val/dw'||). Weights are restored afterwards. L_train is the weight step's loss (with mim, on one masking of
+    ||dL_val/dw'||, the two gradients taken without autocast). Weights are restored afterwards. L_train is the weight step's loss (with mim, on one masking of
     the batch for the whole step). With --detach-mixing the virtual step takes the weight step's detached gradient,
     while the finite differences differentiate the whole one: for that pair of flags the Hessian term approximates."""
     (x_val, y_val), (x_tr, y_tr) = batch_val, batch_train
@@ -460,8 +460,8 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
     backup = [p.detach().clone() for p in weights]
     masking = mask_patches(x_tr, *mim[2:]) if mim is not None else None
 
-    def l_train(detach_mixing=False):
-        with autocast():
+    def l_train(detach_mixing=False, amp=True):
+        with autocast() if amp else torch.autocast(x_tr.device.type, enabled=False):
             return train_loss(model, x_tr, y_tr, mim, masking, detach_mixing)[0]
 
     with frozen(arch_params):  # the virtual step takes the gradient the real weight step takes
@@ -488,8 +488,8 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
         with torch.no_grad():
             for p, b, g in zip(weights, backup, d_w):
                 p.copy_(b + sign * eps * g)
-        with frozen(weights):
-            hessian.append(torch.autograd.grad(l_train(), arch_params))
+        with frozen(weights):   # float32: bf16 would round the nudge (about 1e-6 of a weight) away
+            hessian.append(torch.autograd.grad(l_train(amp=False), arch_params))
     with torch.no_grad():
         for p, b in zip(weights, backup):
             p.copy_(b)
