@@ -26,7 +26,7 @@ class ArchConfig:
     """Everything that decides how the mixing weights are made; one flag each in search.py."""
     method: str = 'midas'      # 'midas' (attention) or 'darts' (static alpha)
     patch: int = 4             # patch side in pixels at the node's resolution; 0 = global pooling
-    topology: bool = True      # parameter-free pair-of-edges node (§5); DARTS-style spaces only
+    topology: bool | None = None  # parameter-free pair-of-edges node (§5), DARTS-style spaces only; None: MIDAS's
     attn_dim: int = 16         # d, the query/key dimension (16: best NB201 valid column of 16, 32, 64; README)
     tau: float = 1.0           # softmax temperature of the scores
     token: str = 'meanstd'     # 'mean': patch mean (§2); 'meanstd': mean and spread, breaks the skip/pool tie (§12)
@@ -43,6 +43,8 @@ class ArchConfig:
     def __post_init__(self):
         if self.method not in ('midas', 'darts'):
             raise ValueError(f"unknown method '{self.method}' (choose from midas, darts)")
+        if self.topology is None:   # on for MIDAS; DARTS's baseline is DARTS's node, a plain sum (§6)
+            object.__setattr__(self, 'topology', self.method == 'midas')
         if not isinstance(self.patch, int) or isinstance(self.patch, bool) or self.patch < 0:
             raise ValueError(f'patch must be a non-negative integer (0 = global pooling), got {self.patch!r}')
         if self.token not in ('mean', 'meanstd'):
@@ -181,20 +183,21 @@ class _PatchTokens(torch.autograd.Function):
         if ctx.rows:  # a + f b over (pw C) runs, the runs of all K maps made at once
             a, b = _pw_runs(a, pw), _pw_runs(b, pw)
         for f, ak, bk, needed in zip(maps, a, b, ctx.needs_input_grad[1:]):
-            # float32 tokens, each map's gradient in its own precision: under autocast a node mixes bf16
-            # convolution maps with float32 identity and pool maps
-            ak, bk = ak.to(f.dtype), bk.to(f.dtype)
+            # a + f b in float32 (the tokens' precision), each map's gradient then cast to its own: a and f b
+            # cancel where a patch's mean dwarfs its spread, and under autocast a node mixes bf16 convolution
+            # maps with float32 identity and pool maps (a no-op for float32 maps)
             v = _patches(f, *token.shape[2:4])
             if not needed:
                 grads.append(None)
             elif v is None:
-                up = lambda g: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f, ctx.kernel, ctx.kernel,
+                f32 = f.to(ak.dtype)
+                up = lambda g: torch.ops.aten.avg_pool2d_backward(g.permute(0, 3, 1, 2), f32, ctx.kernel, ctx.kernel,
                                                                   (0, 0), False, True, None) * (ph * pw)
-                grads.append(torch.addcmul(up(ak), f, up(bk)))
+                grads.append(torch.addcmul(up(ak), f32, up(bk)).to(f.dtype))
             elif ctx.rows:
-                grads.append(_unpatch(torch.addcmul(ak, v.flatten(4), bk).view(v.shape)))
+                grads.append(_unpatch(torch.addcmul(ak, v.flatten(4), bk).view(v.shape).to(f.dtype)))
             else:       # a + f b broadcast over the patch pixels
-                grads.append(_unpatch(torch.addcmul(ak[:, :, None, :, None], v, bk[:, :, None, :, None])))
+                grads.append(_unpatch(torch.addcmul(ak[:, :, None, :, None], v, bk[:, :, None, :, None]).to(f.dtype)))
         return (None, *grads)
 
 
@@ -499,11 +502,12 @@ def _pair_tables(n_edges, device, dtype):
     key = (n_edges, str(device), dtype)
     if key not in _PAIR_TABLES:
         pairs = node_pairs(n_edges)
-        membership = torch.zeros(n_edges, len(pairs), dtype=dtype)
-        for p, (i, j) in enumerate(pairs):
-            membership[i, p] = membership[j, p] = 1.0
-        _PAIR_TABLES[key] = (torch.tensor([i for i, _ in pairs], device=device),
-                             torch.tensor([j for _, j in pairs], device=device), membership.to(device))
+        with torch.inference_mode(False):   # kept for good: made under inference mode, autograd could never save them
+            membership = torch.zeros(n_edges, len(pairs), dtype=dtype)
+            for p, (i, j) in enumerate(pairs):
+                membership[i, p] = membership[j, p] = 1.0
+            _PAIR_TABLES[key] = (torch.tensor([i for i, _ in pairs], device=device),
+                                 torch.tensor([j for _, j in pairs], device=device), membership.to(device))
     return _PAIR_TABLES[key]
 
 
