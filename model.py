@@ -705,7 +705,7 @@ class ResNetBasicblock(nn.Module):
 
 def aux_skip_weight(epoch, epochs):
     """The auxiliary skips' beta (DARTS-) in epoch `epoch` (from 0) of a search of `epochs`: 1 in the first, 0 in
-    the last (1 in a one-epoch search), linear between; the last epoch's decode so reads the supernet without them."""
+    the last (1 in a one-epoch search), linear between; search.py's final decode reads the supernet without them."""
     return 1.0 - epoch / max(epochs - 1, 1)
 
 

@@ -543,8 +543,10 @@ def removal_costs(model, batches):
     device = next(model.parameters()).device
     space = model.space
 
-    def loss():
-        total = sum(F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches)
+    def loss():   # S4's 'noise' draws in eval mode too: the same draws for every removal, or noise is the cost
+        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+            torch.manual_seed(0)
+            total = sum(F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches)
         return total.item() / images
 
     types = cell_types(model.kind)
@@ -632,6 +634,7 @@ def hessian_eigenvalue(model, arch_params, weights, batches, seed=0, iters=HESSI
     try:
         with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), frozen(weights):
             for _ in range(iters):
+                torch.manual_seed(seed)   # S4's 'noise': one Hessian to iterate on, not a new one every step
                 hv = hessian_vector_product(model, arch_params, batches, v)
                 eig, last = sum((h * u).sum() for h, u in zip(hv, v)).item(), eig   # v'Hv with |v| = 1
                 size = norm(hv)
@@ -769,8 +772,14 @@ def main(argv=None):
     elif os.path.exists(checkpoint):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")
-    table = load_nb201_table(args.nb201_table, args.dataset) if args.nb201_table else None
+    # a resumed run's own table, while it is there (another machine): a missing one scores nothing, as --redecode
+    gone = bool(args.resume and args.nb201_table and args.nb201_table == started.get('nb201_table')
+                and not os.path.isfile(args.nb201_table))
+    table = load_nb201_table(args.nb201_table, args.dataset) if args.nb201_table and not gone else None
     log = Logger(args.save, rank)
+    if gone:
+        log(f"--nb201-table '{args.nb201_table}', the run's table, is not there: its cells go unscored (give "
+            "--nb201-table to score them)")
     seed_everything(args.seed)
 
     # Data: the training set split in two halves, search-train (weights) and search-val (architecture).
@@ -924,6 +933,7 @@ def main(argv=None):
                 'w_opt': w_opt.state_dict(), 'arch_opt': arch_opt.state_dict(), 'scheduler': scheduler.state_dict(),
                 'train_q': train_q.state_dict(), 'val_q': val_q.state_dict(), 'rng': rng})
 
+    model.aux_beta.zero_()   # DARTS-'s skips end with the search (a one-epoch one ran at beta 1), as on a resume
     genotype, record = decode(model, decode_batches(decode_q, args.decode_samples, args.method), args)
     score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
     if args.select == 'perturb':
