@@ -694,16 +694,16 @@ def mean_std(values, digits=2):
     return f'{a.mean():.{digits}f} ± {a.std():.{digits}f}' if len(a) > 1 else f'{a[0]:.{digits}f}'
 
 
-# NAS-Bench-201's protocol reports the cell found on CIFAR-10 on the benchmark's two other datasets too
-TRANSFER_COLUMNS = {'cifar100': 'CIFAR-100', 'imagenet16-120': 'ImageNet16-120'}
+# NAS-Bench-201's protocol reports the cell found on one dataset (CIFAR-10) on the benchmark's two others too
+NB201_DATASETS = {'cifar10': 'CIFAR-10', 'cifar100': 'CIFAR-100', 'imagenet16-120': 'ImageNet16-120'}
 SPLITS = ('valid', 'test')
 
 
-def transfer_cells(finals):
-    """Mean ± std of the runs' final cells on each dataset of TRANSFER_COLUMNS, valid then test; '–' where a run
-    was not scored on it (a run older than these scores, read without --nb201-table)."""
+def transfer_cells(finals, datasets):
+    """Mean ± std of the runs' final cells on each of datasets, valid then test; '–' where a run was not scored
+    on it (a run older than these scores, read without --nb201-table)."""
     cells = []
-    for dataset in TRANSFER_COLUMNS:
+    for dataset in datasets:
         for split in SPLITS:
             values = [f.get('nb201_datasets', {}).get(dataset, {}).get(split) for f in finals]
             cells.append(mean_std(values) if None not in values else '–')
@@ -727,8 +727,10 @@ def nb201_results(runs, table_path=None):
         history = read_json(os.path.join(run, 'history.json'))
         final_path = os.path.join(run, 'genotype.json')
         final = read_json(final_path) if os.path.isfile(final_path) else None
-        if not final or 'nb201' not in final:
-            raise RunError(f"'{run}' has no finished NAS-Bench-201 result (run search.py with --nb201-table)")
+        if not final or 'arch' not in final:
+            raise RunError(f"'{run}' has no finished NAS-Bench-201 search (no arch in its genotype.json)")
+        if 'nb201' not in final and not table_path:
+            raise RunError(f"'{run}' was searched without --nb201-table: give analyze.py nb201 --nb201-table T")
         if table_path:   # every column from the one table, the searched dataset's too: a row mixes no two tables
             final['nb201_datasets'] = search.nb201_scores(nb201_table, final.get('arch'))
             dataset = settings.get('dataset', 'cifar10')
@@ -750,8 +752,10 @@ def nb201_results(runs, table_path=None):
     # read as one setting twice); one that all rows share, such as the README recipe's decode sizes, is not
     varying = [(i, k) for i, k in enumerate(training_keys, len(SETTING_KEYS))
                if len({key[i] for key in groups} - {NOT_USED}) > 1]
+    searched = {g['settings'].get('dataset', 'cifar10') for g in groups.values()}
+    others = [d for d in NB201_DATASETS if d not in searched or len(searched) > 1]   # all three for a mixed table
     transferred = any(d in f.get('nb201_datasets', {}) for g in groups.values() for _, f, _ in g['runs']
-                      for d in TRANSFER_COLUMNS)
+                      for d in others)
     rows = []
     for key, g in groups.items():
         s, runs_ = g['settings'], sorted(g['runs'], key=lambda r: r[0])
@@ -769,10 +773,10 @@ def nb201_results(runs, table_path=None):
         rows.append([name, budget_name(s), ','.join(str(seed) for seed, _, _ in runs_),
                      mean_std([f['nb201']['valid'] for _, f, _ in runs_]),
                      mean_std([f['nb201']['test'] for _, f, _ in runs_]),
-                     *(transfer_cells([f for _, f, _ in runs_]) if transferred else []), trajectory, curvature])
+                     *(transfer_cells([f for _, f, _ in runs_], others) if transferred else []), trajectory, curvature])
     # every epoch decodes by §8's weights; --select perturb chooses the final cell by removal
     header = ['setting', 'budget', 'seeds', 'NB201 valid', 'NB201 test',
-              *([f'{label} {split}' for label in TRANSFER_COLUMNS.values() for split in SPLITS] if transferred else []),
+              *([f'{NB201_DATASETS[d]} {split}' for d in others for split in SPLITS] if transferred else []),
               'mean test by epoch (§8 weights)',
               "mean Hessian eigenvalue by epoch (--hessian-samples; ~ a run's power iteration had not settled)"]
     if not any('hessian_eig' in e for g in groups.values() for _, _, h in g['runs'] for e in h):   # none measured it

@@ -102,8 +102,10 @@ def get_args(argv=None):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1")
     # a DARTS network needs its two reduction cells, a search supernet normal cells besides
-    if args.train_layers < 2 or (args.space != 'nb201' and args.layers < 3):
-        raise RunError('--train-layers must be at least 2 and a DARTS-style --layers at least 3')
+    if args.space != 'nb201' and args.layers < 3:
+        raise RunError('a DARTS-style --layers must be at least 3')
+    if args.train_layers < 2:   # it follows --layers when not given
+        raise RunError(f'--train-layers must be at least 2 (it is {args.train_layers}, from --layers when not given)')
     if args.warmup < 0 or args.threads < 0:
         raise RunError('--warmup and --threads must not be negative')
     if args.data_images < args.data_batch_size:
@@ -322,7 +324,7 @@ def bench_train(args, device):
 
 def bench_data(args, device):
     """GPULoader over random uint8 CIFAR-size images: crop (pad 4), flip, cutout 16, normalise ->
-    (images, seconds) over --data-epochs full passes after a warm-up batch."""
+    (images, seconds) over --data-epochs passes, the first less the warm-up batch."""
     from data import DATASETS, GPULoader
     meta = DATASETS['cifar10']
     g = torch.Generator().manual_seed(args.seed)
@@ -432,7 +434,7 @@ def main(argv=None):
           f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, {depth}, "
           f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
           f"edge-norm {res['edge_norm']}, token-bn {res['token_bn']}, {'second' if args.unrolled else 'first'} order, "
-          f"detach-mixing {res['detach_mixing']}, amp {args.amp}, "
+          f"detach-mixing {res['detach_mixing']}, amp {res['amp']}, "
           f"compile {args.compile}, "
           f"channels_last {res['channels_last']}; medians of {args.iters} after {args.warmup} warm-up")
     width = max((len(r[0]) for r in rows), default=10)

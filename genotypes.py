@@ -263,9 +263,16 @@ def parse_genotype_literal(text):
         call = ast.parse(text.strip(), mode='eval').body
         if not isinstance(call, ast.Call) or getattr(call.func, 'id', getattr(call.func, 'attr', None)) != 'Genotype':
             raise ValueError
+        named = [kw.arg for kw in call.keywords]   # what Genotype(...) itself would refuse, refused: no field
+        if (len(call.args) > 4 or len(set(named)) < len(named)   # dropped, misspelt or given twice
+                or any(n not in Genotype._fields[len(call.args):] for n in named)):
+            raise ValueError
         fields = dict(zip(Genotype._fields, [_literal(a) for a in call.args]))
         fields.update({kw.arg: _literal(kw.value) for kw in call.keywords})
         g = Genotype(**{f: fields[f] for f in Genotype._fields})
+        if not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in [*g.normal, *g.reduce]) or not all(
+                isinstance(c, (list, tuple)) for c in (g.normal_concat, g.reduce_concat)):
+            raise ValueError
         return Genotype([tuple(p) for p in g.normal], list(g.normal_concat), [tuple(p) for p in g.reduce],
                         list(g.reduce_concat))
     except (SyntaxError, ValueError, TypeError, KeyError, OverflowError, RecursionError, MemoryError):

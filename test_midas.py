@@ -712,6 +712,15 @@ def test_genotypes_round_trip():
     assert G.parse_genotype_literal(text) == G.DARTS_V2
     with pytest.raises(ValueError):
         G.parse_genotype_literal("Genotype(normal=__import__('os').system('true'))")
+    n, r = repr(G.DARTS_V2.normal), repr(G.DARTS_V2.reduce)
+    for bad in (f"Genotype({n}, range(2, 6), {r}, range(2, 6), 'extra')",      # what Genotype() itself refuses
+                f"Genotype({n}, range(2, 6), {r}, range(2, 6), normal_cnocat=[5])",   # is not dropped silently
+                f"Genotype({n}, range(2, 6), {r}, range(2, 6), normal={n})",
+                f"Genotype({n}, range(2, 6), {r}, {{2: 0, 3: 0, 4: 0, 5: 0}})",
+                f"Genotype([('sep_conv_3x3', 0, 1)] + {n}[1:], range(2, 6), {r}, range(2, 6))",
+                f"Genotype(['sep_conv_3x3'] * 8, range(2, 6), {r}, range(2, 6))"):
+        with pytest.raises(ValueError, match='malformed genotype literal'):
+            G.load_genotype(bad)
     assert G.nb201_str(G.nb201_parse(G.NB201_BEST)) == G.NB201_BEST
     for bad in ['|nor_conv_3x3~0|+|none~0|', '|conv~0|+|none~0|none~1|+|none~0|none~1|none~2|',
                 '|none~1|+|none~0|none~1|+|none~0|none~1|none~2|']:
@@ -2562,7 +2571,8 @@ def test_unrolled_finite_differences_run_without_autocast(monkeypatch):
     x_tr, x_val = torch.randn(2, 8, 4, generator=g)
     y_tr, y_val = torch.randint(0, 3, (2, 8), generator=g)
     seen, train_loss = [], search.train_loss
-    monkeypatch.setattr(search, 'train_loss', lambda *a: seen.append(torch.is_autocast_enabled('cpu')) or train_loss(*a))
+    monkeypatch.setattr(search, 'train_loss',
+                        lambda *a: seen.append(torch.is_autocast_enabled('cpu')) or train_loss(*a))
     args = search.get_args([])
     unrolled_arch_step(model, [model.a], [model.w], torch.optim.SGD([model.a], 0.0), torch.optim.SGD([model.w], 0.1),
                        (x_val, y_val), (x_tr, y_tr), 0.1, args, 1, lambda: torch.autocast('cpu', dtype=torch.bfloat16))
@@ -2761,6 +2771,20 @@ def test_nb201_results_table(tmp_path):
     assert 'mean Hessian eigenvalue by epoch' in text
     assert f'| darts | {budget} | 2,9 | 88.00 ± 0.00 | 91.00 ± 0.00 | 90.00 → 91.00 | 0.2 → ~0.6 |' in text
     assert f'| midas patch 4 | {budget} | 0 | 90.00 | 93.00 | 92.00 → 93.00 | – → – |' in text
+    # a search on CIFAR-100: the other datasets are CIFAR-10 and ImageNet16-120; unscored, the table scores it
+    c100 = tmp_path / 'c100'
+    c100.mkdir()
+    (c100 / 'args.json').write_text(json.dumps({'method': 'darts', 'seed': 0, 'dataset': 'cifar100'}))
+    (c100 / 'history.json').write_text(json.dumps([{'epoch': 1}]))
+    (c100 / 'genotype.json').write_text(json.dumps({'arch': G.NB201_BEST}))
+    with pytest.raises(analyze.RunError, match='searched without --nb201-table'):
+        analyze.nb201_results([str(c100)])
+    table = tmp_path / 'nb201.csv'
+    table.write_text(f'arch,c10_valid,c10_test,c100_valid,c100_test,in16_valid,in16_test\n{G.NB201_BEST},1,2,3,4,5,6\n')
+    text = analyze.nb201_results([str(c100)], str(table))
+    assert ('| NB201 valid | NB201 test | CIFAR-10 valid | CIFAR-10 test | ImageNet16-120 valid | ImageNet16-120 '
+            'test |') in text
+    assert '| 3.00 | 4.00 | 1.00 | 2.00 | 5.00 | 6.00 |' in text
 
 
 def test_nb201_results_rows_name_what_sets_them_apart(tmp_path):
