@@ -208,9 +208,10 @@ def load_run(run, device):
     except (KeyError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"checkpoint '{ckpt}' does not fit the supernet this code builds ({first})") from None
-    if ran.get('aux_skip'):   # the auxiliary skips as in the checkpoint's last epoch (none after the last)
-        model.aux_skip = True
-        model.aux_beta.fill_(aux_skip_weight(max(state.get('epoch', 1) - 1, 0), settings['epochs']))
+    if ran.get('aux_skip'):   # the auxiliary skips as in the checkpoint's last epoch; none in a finished search,
+        model.aux_skip = True  # whose final decode read it without them
+        epoch = state.get('epoch', 1)
+        model.aux_beta.fill_(0.0 if epoch >= settings['epochs'] else aux_skip_weight(epoch - 1, settings['epochs']))
     return model.to(device).eval(), settings
 
 
@@ -793,7 +794,7 @@ def get_args(argv=None):
     d = sub.add_parser('diagram', help='DOT (and SVG/PNG with Graphviz) diagrams of a genotype')
     d.add_argument('--genotype', required=True,
                    help='genotype.json, a published name (DARTS_V2), a Genotype(...) literal or an NB201 arch string')
-    d.add_argument('--out', default='.', help='folder for the files')
+    d.add_argument('--out', default='.', help='folder for the files (default: the current one)')
     d.add_argument('--prefix', default='', help='prefix of the file names')
     for name, help_ in (('mosaic', 'PNG maps of the winning op per patch'),
                         ('report', 'weight statistics, diagrams and mosaics into RUN/analysis')):
@@ -802,16 +803,18 @@ def get_args(argv=None):
         s.add_argument('--data', default=None, help="dataset root (default: the run's --data)")
         s.add_argument('--download', action=argparse.BooleanOptionalAction, default=False,
                        help='fetch CIFAR when absent from --data (off: the run already has its data)')
-        s.add_argument('--split', default='test', choices=['test', 'train'])
+        s.add_argument('--split', default='test', choices=['test', 'train'],
+                       help='the dataset split the images come from (default %(default)s)')
         s.add_argument('--images', type=int, default=4, help='images per mosaic (at most 64; default %(default)s)')
         s.add_argument('--cells', default=None, help='search cells to draw, e.g. 0,1 (default all)')
         s.add_argument('--edges', default=None, help='edges to draw, e.g. 0,3 in edge order (default all)')
         s.add_argument('--out', default=None, help='output folder (default RUN/analysis)')
-        s.add_argument('--batch-size', type=int, default=64)
+        s.add_argument('--batch-size', type=int, default=64, help='images per forward (default %(default)s)')
         s.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
         if name == 'report':
-            s.add_argument('--samples', type=int, default=512, help='images the statistics are taken over (at least 4)')
-            s.add_argument('--bins', type=int, default=10, help='histogram bins')
+            s.add_argument('--samples', type=int, default=512, help='images the statistics are taken over (at least 4; '
+                           'default %(default)s)')
+            s.add_argument('--bins', type=int, default=10, help='histogram bins (default %(default)s)')
     c = sub.add_parser('compare', help='Markdown table of the discrimination per cell of several reported runs, '
                                        'with the mean +- std of the runs that differ in their seed alone')
     c.add_argument('runs', nargs='+', help='run folders (with analysis/analysis.json) or analysis.json files')
@@ -877,8 +880,10 @@ def main(argv=None):
 
     cell_stats = analyse(records, y.numpy(), args.bins)
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
+    training_keys, defaults = training_flags()   # compare's seed groups: runs that differ in nothing but the seed
+    ran = {**{k: defaults[k] for k in training_keys}, **with_older_flags(settings)}
     analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
-                'settings': {k: settings.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed')},
+                'settings': {k: ran.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed', *training_keys)},
                 'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}
     write_json(os.path.join(out, 'analysis.json'), analysis)
     write_bytes(os.path.join(out, 'report.md'), report_markdown(analysis, diagrams, mosaics, genotype).encode())

@@ -55,8 +55,9 @@ def get_args(argv=None):
     p.add_argument('--layers', type=int, help='cells of a DARTS-style supernet (default 8)')
     p.add_argument('--cells', type=int, help='cells per stage of the NB201 supernet (default 5)')
     p.add_argument('--batch-size', type=int, help='search batch (default 64)')
-    p.add_argument('--patch', type=int, default=4, help='MIDAS patch side; 0 = global pooling')
-    p.add_argument('--token', default='meanstd', choices=['mean', 'meanstd'], help="MIDAS's patch token")
+    p.add_argument('--patch', type=int, default=4, help='MIDAS patch side; 0 = global pooling (default %(default)s)')
+    p.add_argument('--token', default='meanstd', choices=['mean', 'meanstd'],
+                   help="MIDAS's patch token (default %(default)s)")
     p.add_argument('--unrolled', action='store_true', help='second-order architecture step')
     p.add_argument('--detach-mixing', action=argparse.BooleanOptionalAction, default=None,
                    help="search.py's --detach-mixing (default: search.py's)")
@@ -65,9 +66,10 @@ def get_args(argv=None):
     p.add_argument('--token-bn', action=argparse.BooleanOptionalAction, default=None,
                    help="search.py's --token-bn (default: search.py's)")
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s own)')
-    p.add_argument('--iters', type=int, default=10, help='timed iterations per method')
-    p.add_argument('--warmup', type=int, default=3, help='untimed iterations per method first')
-    p.add_argument('--mem-iters', type=int, default=2, help='iterations of each memory child after its warm-up')
+    p.add_argument('--iters', type=int, default=10, help='timed iterations per method (default %(default)s)')
+    p.add_argument('--warmup', type=int, default=3, help='untimed iterations per method first (default %(default)s)')
+    p.add_argument('--mem-iters', type=int, default=2,
+                   help='iterations of each memory child after its warm-up (default %(default)s)')
     p.add_argument('--epoch-images', type=int, default=25000,
                    help="images a search epoch trains on, for the derived epoch time (default %(default)s: "
                         "CIFAR's search-train half)")
@@ -76,14 +78,18 @@ def get_args(argv=None):
                    help='autocast (auto: bf16 on a CUDA GPU that has it, else off)')
     p.add_argument('--compile', action='store_true', help='torch.compile the networks')
     p.add_argument('--contiguous', action='store_true', help='NCHW maps instead of channels-last (to measure it)')
-    p.add_argument('--train-channels', type=int, help='retraining network channels (default --init-channels)')
-    p.add_argument('--train-layers', type=int, help='retraining network cells (default --layers)')
-    p.add_argument('--train-batch-size', type=int, help='retraining batch (default --batch-size)')
-    p.add_argument('--data-images', type=int, default=50000, help='random uint8 CIFAR-size images for the data path')
+    p.add_argument('--train-channels', type=int,
+                   help="retraining network channels (default: the preset's, else --init-channels)")
+    p.add_argument('--train-layers', type=int, help="retraining network cells (default: the preset's, else --layers)")
+    p.add_argument('--train-batch-size', type=int,
+                   help="retraining batch (default: the preset's, else --batch-size)")
+    p.add_argument('--data-images', type=int, default=50000,
+                   help='random uint8 CIFAR-size images for the data path (default %(default)s)')
     p.add_argument('--data-batch-size', type=int, help='data path batch (default --train-batch-size)')
-    p.add_argument('--data-epochs', type=int, default=2, help='timed passes over the data path images')
+    p.add_argument('--data-epochs', type=int, default=2,
+                   help='timed passes over the data path images (default %(default)s)')
     p.add_argument('--skip', default='', help='comma-separated parts to leave out: search, memory, train, data')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0, help='random data and weights (default %(default)s)')
     p.add_argument('--_child', choices=METHODS, help=argparse.SUPPRESS)  # internal: one method's memory
     args = p.parse_args(argv)
     for k, v in {**DEFAULTS, **(PRESETS[args.preset] if args.preset else {})}.items():
@@ -293,9 +299,10 @@ def bench_train(args, device):
     from model import NetworkCIFAR
     torch.manual_seed(args.seed)
     cuda = device.type == 'cuda'
+    fmt = torch.channels_last if cuda and not args.contiguous else torch.contiguous_format   # as train.py
     net = NetworkCIFAR(args.train_channels, 10, args.train_layers, True, DARTS_V2, drop_path_prob=0.2).to(device)
-    if cuda:  # as train.py
-        net = net.to(memory_format=torch.channels_last)
+    net = net.to(memory_format=fmt)
+    if cuda:
         torch.backends.cudnn.benchmark = True
     net.train()
     params = list(net.parameters())
@@ -304,7 +311,6 @@ def bench_train(args, device):
     from train import amp_setup
     _, autocast, _ = amp_setup(args.amp, device)
     g = torch.Generator().manual_seed(args.seed)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
     x = torch.randn(args.train_batch_size, 3, 32, 32, generator=g).to(device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.train_batch_size,), generator=g).to(device)
 

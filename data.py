@@ -530,17 +530,20 @@ def _throughput(argv=None):
     import argparse
     import time
 
-    ap = argparse.ArgumentParser(description="Measure GPULoader throughput.")
-    ap.add_argument('--dataset', default='cifar10', choices=[d for d in DATASETS if d != 'imagenet'])
+    ap = argparse.ArgumentParser(description="Measure GPULoader throughput.",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument('--dataset', default='cifar10', choices=[d for d in DATASETS if d != 'imagenet'],
+                    help="the dataset's training images")
     ap.add_argument('--data', default='./data', help="root folder of the dataset files")
     ap.add_argument('--fake', action='store_true', help="50,000 random images instead of the real files")
     ap.add_argument('--download', action='store_true', help="fetch the official files when absent")
-    ap.add_argument('--batch-size', type=int, default=256)
-    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    ap.add_argument('--cutout', type=int, default=16)
-    ap.add_argument('--epochs', type=int, default=2)
+    ap.add_argument('--batch-size', type=int, default=256, help="images per batch")
+    ap.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                    help="where the batches are made")
+    ap.add_argument('--cutout', type=int, default=16, help="cutout square side in pixels, 0 for none")
+    ap.add_argument('--epochs', type=int, default=2, help="timed passes over the images")
     ap.add_argument('--threads', type=int, default=2, help="torch CPU threads")
-    ap.add_argument('--channels-last', action='store_true')
+    ap.add_argument('--channels-last', action='store_true', help="batches in channels-last memory, as search.py's")
     a = ap.parse_args(argv)
     for name in ('batch_size', 'epochs', 'threads'):
         if getattr(a, name) < 1:

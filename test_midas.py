@@ -1791,6 +1791,11 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     assert '| mean ± std of s0, s1 | midas | 4 | 0.1000 ± 0.0000 | 0.1000 ± 0.0000 |' in text   # the margins
     assert text.count('mean ± std of') == 5 and 'q0,' not in text
     assert 'mean ± std' not in analyze.compare_markdown([seeded('s0', 0, 4, 0.5), seeded('again', 0, 4, 0.7)])
+    with open(os.path.join(runs[4], 'analysis', 'analysis.json')) as f:   # a report records the training flags
+        recorded = json.load(f)['settings']                                # too: runs at another lr are no seeds
+    assert (recorded['lr'], recorded['nesterov'], recorded['seed']) == (0.025, False, 0)
+    assert 'mean ± std' not in analyze.compare_markdown([seeded('s0', 0, 4, 0.5), {
+        **seeded('s1', 1, 4, 0.7), 'settings': {**seeded('s1', 1, 4, 0.7)['settings'], 'lr': 0.1}}])
     assert analyze.budget_name({'epochs': 1, 'init_channels': 4, 'cells': 1, 'subset': 512}).endswith(', 512 img')
     # a run older than --edge-norm (neither its args.json nor its checkpoint name it) is rebuilt as it ran
     assert model.cfg.edge_norm
@@ -2690,6 +2695,7 @@ def test_aux_skip_search_ends_without_the_skips(cifar, tmp_path):
     search.main(['--resume', one, '--data', cifar])
     with open(os.path.join(one, 'weights.json')) as f:
         assert json.load(f)['weights'] == first
+    assert analyze.load_run(one, torch.device('cpu'))[0].aux_beta.item() == 0.0   # as the decode read it
 
 
 def test_arch_warmup_keeps_the_architecture_still(cifar, tmp_path, monkeypatch):

@@ -386,7 +386,8 @@ def build_parser():
     p.add_argument('--eval-freq', type=int, help='test every N epochs, and after the last (default 1)')
     p.add_argument('--resume', metavar='RUN', help='continue the killed run in folder RUN (its flags are the defaults)')
     p.add_argument('--eval', metavar='CHECKPOINT',
-                   help='print the test accuracy of a checkpoint (or of a run folder\'s) and exit')
+                   help='print the test accuracy of a checkpoint (or of a run folder\'s) on the whole test set, or '
+                        'on its first --subset images, and exit')
     return p
 
 
