@@ -353,7 +353,7 @@ class GPULoader:
 
     def shard(self, rank, world_size):
         """Under torchrun: every rank draws the same permutation and augmentation, and keeps its slice of each
-        global batch of batch_size images, so together the ranks see exactly what one process would."""
+        global batch of batch_size images, so together the ranks see exactly the images one process would."""
         if not 0 <= rank < world_size or self.batch_size < world_size:
             raise DataError(f"rank {rank} of {world_size} cannot take a slice of batches of {self.batch_size}")
         self.rank, self.world_size = rank, world_size

@@ -19,6 +19,7 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from analyze import MIDAS_ONLY, SETTING_OFF, write_diagrams
@@ -27,7 +28,7 @@ from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, 
 from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
                    twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
-                   load_checkpoint, refuse_other_config, restoring, resume_folder, rng_states, run_cli,
+                   load_checkpoint, reduce_sum, refuse_other_config, restoring, resume_folder, rng_states, run_cli,
                    save_checkpoint, seed_everything, set_rng_states, setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
@@ -506,8 +507,13 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
 # Decoding (§8)
 
 def decode(model, batches, args):
-    """-> (genotype or NB201 arch string, record with the averaged weights and the decode margins)."""
-    return decode_weights(average_weights(model, batches), args)
+    """-> (genotype or NB201 arch string, record with the averaged weights and the decode margins). S4's 'noise'
+    draws in eval mode too: one fixed draw, the same on every rank and every decode, and none from the search's
+    random stream."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        torch.manual_seed(args.seed)
+        return decode_weights(average_weights(model, batches), args)
 
 
 def decode_weights(result, args):
@@ -838,6 +844,10 @@ def main(argv=None):
                                                         'cuda': resume_state.get('rng_cuda')}], rank, device)
             start_epoch, history = resume_state['epoch'], resume_state['history']
         log(f'resumed {args.save} at epoch {start_epoch}')
+        ran_with = resume_state.get('world', world)
+        if ran_with != world:   # each rank's BN normalises its own slice: another slice size, another search
+            log(f'it ran as {ran_with} processes and goes on as {world}: each BN now normalises batches of '
+                f'{args.batch_size // world} images, not {args.batch_size // ran_with}, so it continues as neither')
     else:
         if args.resume:
             log(f'{args.save} has no checkpoint (stopped in its first epoch): searching again from the start')
@@ -888,14 +898,15 @@ def main(argv=None):
             seen += len(y_tr)
             it_log += 1
             if (step + 1) % args.report_freq == 0 or step + 1 == steps:
-                t = totals.tolist()  # the only host synchronisation, once per report
+                # every rank's images (each rank raises alike), the only host synchronisation, once per report
+                t, n = reduce_sum(totals.clone(), world).tolist(), seen * world
                 if not all(map(math.isfinite, t)):
                     raise RunError(f'the loss is not finite at epoch {epoch + 1} step {step + 1} (a learning rate, '
                                    f'loss weight or temperature out of range?); the last checkpoint is of epoch '
                                    f'{epoch}')
                 log(f'epoch {epoch + 1}/{args.epochs} step {step + 1}/{steps} lr {lr:.4f} '
-                    f'train loss {t[0] / seen:.3f} acc {100 * t[1] / seen:.1f}% | '
-                    f'val loss {t[2] / seen:.3f} acc {100 * t[3] / seen:.1f}% | '
+                    f'train loss {t[0] / n:.3f} acc {100 * t[1] / n:.1f}% | '
+                    f'val loss {t[2] / n:.3f} acc {100 * t[3] / n:.1f}% | '
                     f'{meter(it_log, it_log * len(y_tr) * world)}')
                 it_log = 0
         scheduler.step()
@@ -904,7 +915,7 @@ def main(argv=None):
         all_reduce_mean([b for b in model.buffers() if b.is_floating_point()], world)
 
         genotype, record = decode(model, decode_batches(decode_q, args.epoch_decode_samples, args.method), args)
-        entry = {'epoch': epoch + 1, 'train_acc': 100 * t[1] / seen, 'val_acc': 100 * t[3] / seen,
+        entry = {'epoch': epoch + 1, 'train_acc': 100 * t[1] / n, 'val_acc': 100 * t[3] / n,
                  'genotype': genotype_to_json(genotype, args.space), 'min_margin': min_margin(record['margins'])}
         score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
         if score:
@@ -931,7 +942,7 @@ def main(argv=None):
                 'config': config, 'epoch': epoch + 1, 'history': history, 'model': model.state_dict(),
                 'mim_decoder': mim_decoder.state_dict() if mim_decoder is not None else None,
                 'w_opt': w_opt.state_dict(), 'arch_opt': arch_opt.state_dict(), 'scheduler': scheduler.state_dict(),
-                'train_q': train_q.state_dict(), 'val_q': val_q.state_dict(), 'rng': rng})
+                'train_q': train_q.state_dict(), 'val_q': val_q.state_dict(), 'rng': rng, 'world': world})
 
     model.aux_beta.zero_()   # DARTS-'s skips end with the search (a one-epoch one ran at beta 1), as on a resume
     genotype, record = decode(model, decode_batches(decode_q, args.decode_samples, args.method), args)
@@ -958,6 +969,8 @@ def main(argv=None):
         log(f"final NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test {score['test']:.2f}"
             f"{other_datasets(scores, args.dataset)}")
     log(f"wrote {os.path.join(args.save, 'genotype.json')}")
+    if world > 1:
+        dist.destroy_process_group()
     return genotype
 
 

@@ -784,9 +784,8 @@ def test_tiny_search_writes_a_valid_genotype(cifar, tmp_path, space, method):
     assert torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)['epoch'] == 1
     with open(os.path.join(save, 'history.json')) as f:   # the epoch's decode read the final one's 16 images
         (epoch,) = json.load(f)
-    assert epoch['epoch'] == 1
-    if space != 's4':   # whose 'noise' candidates draw afresh at every decode
-        assert G.genotype_from_json(epoch['genotype']) == (g, sp)
+    assert epoch['epoch'] == 1   # the same images, and S4's 'noise' the same fixed draw
+    assert G.genotype_from_json(epoch['genotype']) == (g, sp)
 
 
 def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
@@ -1130,28 +1129,48 @@ def test_architecture_steps_read_search_val_and_weight_steps_search_train(cifar,
 
 
 
-def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path):
+@pytest.mark.parametrize('space', ['nb201', 's4'])
+def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path, space):
     """Under torchrun the architecture and weight gradients and the BN statistics are averaged over the
-    ranks: both end with the same supernet and decode the same genotype."""
+    ranks: both end with the same supernet and decode the same genotype (S4's: its 'noise' draws per rank in
+    training, and one fixed draw in every decode)."""
     save = str(tmp_path / 'ddp')
     r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'search.py',
-                   '--data', cifar, '--save', save, '--space', 'nb201', '--epochs', '2', *TINY[2:],
+                   '--data', cifar, '--save', save, '--space', space, '--epochs', '2', *TINY[2:],
                    env={'MIDAS_RANK_STATES': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt')) for k in (0, 1))
     assert a['genotype'] == b['genotype'] and a['model'].keys() == b['model'].keys()
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert any('running_mean' in k for k in a['model'])  # the BN statistics are compared too
+    assert 'world 2' in open(os.path.join(save, 'log.txt')).read()
+    if space == 's4':
+        return
     init = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(method='midas', patch=4, topology=False)).state_dict()
     moved = [k for k in init if 'attention' in k and not torch.equal(init[k], a['model'][k])]
     assert moved, 'the architecture did not train'
     with open(os.path.join(save, 'genotype.json')) as f:
         assert len(G.nb201_parse(json.load(f)["arch"])) == 6
-    assert 'world 2' in open(os.path.join(save, 'log.txt')).read()
     # the ranks built one supernet from one seed, then draw apart (S4's 'noise' candidates), and the checkpoint
     # resumes each rank's own generator
     ckpt = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
+
+def test_a_resume_on_another_number_of_processes_says_so(cifar, tmp_path):
+    """Each rank's BN normalises its own slice of the global batch, so a run resumed on another number of
+    processes goes on as neither run: the log says so (a checkpoint of older code, which has no count, says
+    nothing)."""
+    save = str(tmp_path / 'run')
+    search.main(['--data', cifar, '--save', save, '--space', 'nb201', *TINY])
+    path = os.path.join(save, 'checkpoint.pt')
+    state = torch.load(path, weights_only=False)
+    assert state['world'] == 1
+    state['world'] = 2
+    torch.save(state, path)
+    search.main(['--resume', save])
+    assert 'it ran as 2 processes and goes on as 1: each BN now normalises batches of 8 images, not 4' in \
+        open(os.path.join(save, 'log.txt')).read()
+
 
 # MIM's masks: a generator seeded per epoch; --aux-skip: a weight set per epoch
 @pytest.mark.parametrize('flags', [[], ['--mim', '0.5', '--aux-skip']])
