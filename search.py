@@ -453,9 +453,10 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
                        autocast, mim=None):
     """DARTS's second-order step: the gradient at w' = w - lr * dL_train/dw (the weight optimizer's step: its
     momentum, weight decay and Nesterov too), with the Hessian-vector product by finite differences (eps = 0.01 /
-    ||dL_val/dw'||, the two gradients taken without autocast). Weights are restored afterwards. L_train is the weight step's loss (with mim, on one masking of
-    the batch for the whole step). With --detach-mixing the virtual step takes the weight step's detached gradient,
-    while the finite differences differentiate the whole one: for that pair of flags the Hessian term approximates."""
+    ||dL_val/dw'||, the two gradients taken without autocast). Weights are restored afterwards. L_train is the
+    weight step's loss (with mim, on one masking of the batch for the whole step). With --detach-mixing the virtual
+    step takes the weight step's detached gradient, while the finite differences differentiate the whole one: for
+    that pair of flags the Hessian term approximates."""
     (x_val, y_val), (x_tr, y_tr) = batch_val, batch_train
     arch_opt.zero_grad(set_to_none=True)
     backup = [p.detach().clone() for p in weights]
