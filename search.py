@@ -28,8 +28,9 @@ from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, 
 from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
                    twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
-                   load_checkpoint, reduce_sum, refuse_other_config, restoring, resume_folder, rng_states, run_cli,
-                   save_checkpoint, seed_everything, set_rng_states, setup_distributed, started_with, write_json)
+                   fenced_random, load_checkpoint, reduce_sum, refuse_other_config, restoring, resume_folder,
+                   rng_states, run_cli, save_checkpoint, seed_everything, set_rng_states, setup_distributed,
+                   started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
@@ -512,7 +513,7 @@ def decode(model, batches, args):
     draws in eval mode too: one fixed draw, the same on every rank and every decode, and none from the search's
     random stream."""
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+    with fenced_random(device):
         torch.manual_seed(args.seed)
         return decode_weights(average_weights(model, batches), args)
 
@@ -551,7 +552,7 @@ def removal_costs(model, batches):
     space = model.space
 
     def loss():   # S4's 'noise' draws in eval mode too: the same draws for every removal, or noise is the cost
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        with fenced_random(device):
             torch.manual_seed(0)
             total = sum(F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches)
         return total.item() / images
@@ -639,7 +640,7 @@ def hessian_eigenvalue(model, arch_params, weights, batches, seed=0, iters=HESSI
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []), frozen(weights):
+        with fenced_random(device), frozen(weights):
             for _ in range(iters):
                 torch.manual_seed(seed)   # S4's 'noise': one Hessian to iterate on, not a new one every step
                 hv = hessian_vector_product(model, arch_params, batches, v)

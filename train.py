@@ -571,7 +571,7 @@ def evaluate(forward, model, batches, autocast, device, world, limit=None):
     many of this rank's images are real (the first ones)."""
     # RDARTS S4's 'noise' draws random numbers in eval mode too: the same draws for every evaluation of the
     # same weights (so --eval repeats the run's own figure), without touching the training's random stream
-    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+    with fenced_random(device):
         torch.manual_seed(0)
         return _evaluate(forward, model, batches, autocast, device, world, limit)
 
@@ -595,9 +595,17 @@ def _evaluate(forward, model, batches, autocast, device, world, limit):
     return {'test_loss': loss / n, 'test_top1': 100 * top1 / n, 'test_top5': 100 * top5 / n, 'test_images': int(n)}
 
 
+def fenced_random(device):
+    """torch.random.fork_rng over the CPU's generator and the device's own (CUDA or MPS: torch.manual_seed seeds
+    them too): what runs inside may reseed and draw without touching the run's random stream."""
+    own = device.type in ('cuda', 'mps')
+    return torch.random.fork_rng(devices=[device] if own else [], device_type=device.type if own else None)
+
+
 def rng_states(device, world):
     """Every rank's RNG state (drop path, 'noise' ops), gathered so that rank 0's checkpoint resumes all ranks."""
-    mine = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None}
+    mine = {'cpu': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None,
+            'mps': torch.mps.get_rng_state() if device.type == 'mps' else None}
     if world == 1:
         return [mine]
     states = [None] * world
@@ -611,6 +619,8 @@ def set_rng_states(states, rank, device):
         torch.set_rng_state(states[rank]['cpu'])
         if device.type == 'cuda' and states[rank]['cuda'] is not None:
             torch.cuda.set_rng_state(states[rank]['cuda'], device)
+        if device.type == 'mps' and states[rank].get('mps') is not None:
+            torch.mps.set_rng_state(states[rank]['mps'])
 
 
 def amp_setup(name, device):
