@@ -183,7 +183,6 @@ def test_mix_equals_explicit_upsampling():
     torch.testing.assert_close(mix_add(None, f7, w3), f7 * F.interpolate(w3.unsqueeze(1), size=(7, 7)))
 
 
-
 @pytest.mark.parametrize('channels', [4, 32])   # below and above model._NARROW: both fast paths
 @pytest.mark.parametrize('batch_weights', [3, 1])  # per input (MIDAS) and one static table (DARTS)
 def test_channels_last_fast_paths_match_plain_autograd(channels, batch_weights):
@@ -1126,7 +1125,6 @@ def test_architecture_steps_read_search_val_and_weight_steps_search_train(cifar,
         got = [c for c in calls if c[0] == name]
         for (_, xb, yb), (xe, ye) in zip(got, expected[name]):
             assert torch.equal(yb, ye) and torch.equal(xb, xe), name
-
 
 
 @pytest.mark.parametrize('space', ['nb201', 's4'])
@@ -2144,7 +2142,6 @@ def test_train_resume_keeps_the_runs_own_runtime_flags_and_cutout_scales_with_th
     assert (args.cutout, args.auxiliary_weight) == (8, 0.0)
 
 
-
 @pytest.mark.parametrize('script', ['search', 'train'])
 def test_resume_refuses_a_hand_edited_args_json_in_one_line(tmp_path, script):
     """A value its flag cannot take (a string for an int, a float for an int, a bool for a float, an unknown
@@ -2949,3 +2946,242 @@ def test_the_documented_commands_use_flags_that_exist(markdown):
             scripts[argv[at[0]]].get_args(argv[at[0] + 1:])   # argparse exits on an unknown flag or a bad value
             parsed += 1
     assert parsed >= {'README.md': 20, 'BENCHMARKS.md': 5}[markdown]
+
+
+# ---------------------------------------------------------------------------------------------
+# Against independent references: the plain ops, DARTS's and NAS-Bench-201's structures, METHOD.md's tables, the
+# images a loader was given. Most tests above compare two paths of this code with each other (compiled and eager,
+# shared and per-edge, resumed and uninterrupted); hand-made bugs that changed both sides alike passed them.
+
+@pytest.mark.parametrize('reduction', [False, True])
+def test_mixed_op_candidates_are_the_plain_ops_on_the_edge_input(reduction):
+    """Each candidate map of a supernet edge is OPS[name](C, stride, affine=False)(x) - with DARTS's BN after a pool
+    (model_search.py) - whether the cell hands it relu(x) or not: stripping the leading ReLU is an optimisation that
+    must not change a value."""
+    import torch.nn as nn
+    from model import MixedOp
+    from ops import OPS
+    torch.manual_seed(0)
+    stride = 2 if reduction else 1
+    edge = MixedOp(4, stride, G.PRIMITIVES, bn_after_pool=True).train()
+    x = torch.randn(3, 4, 8, 8)
+    for shared in (None, {}):
+        for x_relu in (None, F.relu(x)):
+            outs = edge(x, x_relu, shared)
+            for j, out in zip(edge.live, outs):
+                name = G.PRIMITIVES[j]
+                ref = OPS[name](4, stride, False)
+                if 'pool' in name:
+                    ref = nn.Sequential(ref, nn.BatchNorm2d(4, affine=False))
+                ref.load_state_dict(edge._ops[edge.live.index(j)].state_dict())
+                torch.testing.assert_close(out, ref.train()(x), msg=name)
+
+
+def test_darts_supernet_pools_end_in_a_bn_and_nb201_pools_do_not():
+    """DARTS's model_search.py puts a BN (no affine) after every pool candidate; NAS-Bench-201's search cell does
+    not."""
+    import torch.nn as nn
+    for space, bn in (('darts', True), ('s1', True), ('nb201', False)):
+        net = SearchNetwork(space, C=4, layers=3, cells=1)
+        pools = [op for cell in net.search_cells() for edge in cell._ops
+                 for j, op in zip(edge.live, edge._ops) if 'pool' in edge.primitives[j]]
+        assert pools
+        for op in pools:
+            bns = [m for m in op.modules() if isinstance(m, nn.BatchNorm2d)]
+            assert len(bns) == bn and all(not m.affine for m in bns), space
+            assert not bn or isinstance(op[-1], nn.BatchNorm2d)
+
+
+def test_averaged_weights_are_the_mean_over_the_cells_of_a_type():
+    """§8: average over samples and patches per cell, then over all cells of the same type. s3 with 3 layers has two
+    reduction cells; give them different weights and batch sizes: each cell counts once."""
+    from model import WeightAverager
+    model = SearchNetwork('s3', C=4, layers=3)
+    avg = WeightAverager(model)
+    c1, c2 = [c for c in model.search_cells() if c.reduction]
+    for cell, value, batch in ((c1, 0.2, 2), (c2, 0.6, 6)):
+        for n in range(4):
+            avg(cell, n, [torch.full((batch, 3, 2, 2), value) for _ in range(n + 2)], None, None)
+    weights = avg.result()['reduce']['weights']
+    assert len(weights) == 14
+    assert all(x == pytest.approx(0.4) for row in weights for x in row)
+
+
+def test_cell_drop_path_drops_ops_but_never_the_identity():
+    """DARTS's Cell: in training, every op but the identity goes through drop_path; in eval mode nothing does."""
+    from model import Cell
+    torch.manual_seed(0)
+    s0, s1 = torch.randn(64, 8, 8, 8), torch.randn(64, 8, 8, 8)
+    skips = G.Genotype([('skip_connect', 0), ('skip_connect', 1)] * 4, [2, 3, 4, 5],
+                       [('max_pool_3x3', 0), ('max_pool_3x3', 1)] * 4, [2, 3, 4, 5])
+    convs = skips._replace(normal=[('sep_conv_3x3', 0), ('sep_conv_3x3', 1)] * 4)
+    for genotype, dropped in ((skips, False), (convs, True)):
+        cell = Cell(genotype, 8, 8, 4, False, False).train()
+        torch.manual_seed(1)
+        with_dp = cell(s0, s1, drop_prob=0.5)
+        without = cell(s0, s1, drop_prob=0.0)
+        assert (not torch.allclose(with_dp, without)) == dropped, genotype.normal[0][0]
+        assert torch.equal(cell.eval()(s0, s1, drop_prob=0.5), cell(s0, s1, drop_prob=0.0))
+
+
+def test_nb201_nodes_sum_every_edge_even_with_topology_asked_for():
+    """§5: 'always in NAS-Bench-201 x_k = sum_e m[e]': a supernet built with topology=True (the MIDAS default of
+    ArchConfig) has no gamma on any NB201 node."""
+    torch.manual_seed(0)
+    gammas = []
+    net = SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(topology=True)).eval()
+    with torch.no_grad():
+        net(torch.randn(2, 3, 32, 32), recorder=lambda cell, n, w, gamma, pi: gammas.append(gamma))
+    assert len(gammas) == 9 and all(g is None for g in gammas)
+
+
+def test_search_decodes_on_the_search_train_split(cifar, tmp_path, monkeypatch):
+    """§8: the decode set is the search-train split (its first --decode-samples images, un-augmented)."""
+    seen = []
+    decode = search.decode
+
+    def record(model, batches, args):
+        batches = list(batches)
+        seen.append(torch.cat([x for x, _ in batches]))
+        return decode(model, batches, args)
+
+    monkeypatch.setattr(search, 'decode', record)
+    search.main(['--data', cifar, '--save', str(tmp_path / 'run'), '--space', 'nb201', *TINY])
+    x, _ = data.load_dataset('cifar10', cifar, download=False)
+    train_idx, _ = data.split_indices(32, 0.5)
+    meta = data.DATASETS['cifar10']
+    expected = data.normalize(x[:32][train_idx][:16], meta['mean'], meta['std'])
+    assert len(seen) == 2   # one epoch's decode, the final one
+    for got in seen:
+        torch.testing.assert_close(got, expected)
+
+
+def test_mim_reconstructs_the_original_pixels_under_the_mask():
+    """alpha-DARTS: the decoder recovers the masked pixels of the *original* image from the masked image's
+    features; a target of the masked image itself (zeros there) is trivially learnt."""
+    from model import MIMDecoder, mask_patches, mim_loss
+    model, _, _, x, y = _step_setup('midas')
+    decoder = MIMDecoder(model.feature_channels, model.feature_stride)
+    masked, mask = mask_patches(x, 0.5, 4, torch.Generator().manual_seed(0))
+    loss, logits = search.train_loss(model, x, y, (decoder, 0.7, 0.5, 4, None), (masked, mask))
+    logits2, fmap = model(masked, features=True)
+    expected = F.cross_entropy(logits2, y) + 0.7 * mim_loss(decoder(fmap), x, mask)
+    torch.testing.assert_close(loss, expected)
+    assert abs(mim_loss(decoder(fmap), masked, mask).item() - mim_loss(decoder(fmap), x, mask).item()) > 1e-3
+
+
+S1_TABLE = """\
+skip_connect dil_conv_3x3 | max_pool_3x3 avg_pool_3x3
+skip_connect dil_conv_5x5 | max_pool_3x3 dil_conv_3x3
+skip_connect dil_conv_5x5 | max_pool_3x3 avg_pool_3x3
+skip_connect sep_conv_3x3 | max_pool_3x3 avg_pool_3x3
+skip_connect dil_conv_3x3 | skip_connect dil_conv_5x5
+max_pool_3x3 skip_connect | max_pool_3x3 avg_pool_3x3
+skip_connect sep_conv_3x3 | max_pool_3x3 sep_conv_3x3
+skip_connect sep_conv_3x3 | skip_connect dil_conv_3x3
+skip_connect dil_conv_3x3 | skip_connect dil_conv_5x5
+skip_connect sep_conv_3x3 | max_pool_3x3 avg_pool_3x3
+max_pool_3x3 skip_connect | max_pool_3x3 avg_pool_3x3
+skip_connect dil_conv_3x3 | skip_connect dil_conv_5x5
+dil_conv_3x3 dil_conv_5x5 | skip_connect dil_conv_5x5
+dil_conv_3x3 dil_conv_5x5 | skip_connect dil_conv_5x5"""
+
+
+def test_rdarts_spaces_are_the_published_ones():
+    rows = [[half.split() for half in line.split('|')] for line in S1_TABLE.splitlines()]
+    assert G.SPACES['s1']['normal'] == [r[0] for r in rows]
+    assert G.SPACES['s1']['reduce'] == [r[1] for r in rows]
+    for name, ops in (('s2', ['skip_connect', 'sep_conv_3x3']), ('s3', ['none', 'skip_connect', 'sep_conv_3x3']),
+                      ('s4', ['noise', 'sep_conv_3x3'])):
+        for cell in ('normal', 'reduce'):
+            assert G.SPACES[name][cell] == [ops] * 14, (name, cell)
+    assert G.SPACES['darts']['normal'] == [G.PRIMITIVES] * 14
+    assert G.SPACES['nb201']['normal'] == [['none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3']] * 6
+
+
+@pytest.mark.parametrize('src', [2, 3, -1])
+def test_validate_refuses_an_input_that_is_not_an_earlier_state(src):
+    bad = G.DARTS_V2._replace(normal=[('sep_conv_3x3', src)] + G.DARTS_V2.normal[1:])   # node 2 reads 0..1
+    with pytest.raises(ValueError, match='must be in 0..1'):
+        G.validate_genotype(bad)
+
+
+def test_gpuloader_batches_are_flipped_and_shifted_crops_of_their_images():
+    n = 64
+    x = (torch.arange(n * 3 * 8 * 8) % 251 + 1).to(torch.uint8).view(n, 3, 8, 8)
+    mean, std = data.DATASETS['cifar10']['mean'], data.DATASETS['cifar10']['std']
+    q = data.GPULoader(x, torch.arange(n), 16, mean, std, crop_pad=0, seed=0)
+    flipped = 0
+    for xb, yb in q:
+        for img, i in zip(xb, yb.tolist()):
+            plain = data.normalize(x[i:i + 1], mean, std)[0]
+            assert torch.equal(img, plain) or torch.equal(img, plain.flip(-1))
+            flipped += torch.equal(img, plain.flip(-1))
+    assert 0.3 * n < flipped < 0.7 * n
+    q = data.GPULoader(x, torch.arange(n), 16, mean, std, crop_pad=2, flip=False, seed=0)
+    xb, yb = q.next_batch()
+    shifted = sum(not torch.equal(img, data.normalize(x[i:i + 1], mean, std)[0]) for img, i in zip(xb, yb.tolist()))
+    assert shifted > 8
+
+
+def test_imagenet16_keeps_the_first_120_classes_shifted_to_zero(tmp_path):
+    folder = tmp_path / 'ImageNet16'
+    folder.mkdir()
+    labels = [1, 2, 119, 120, 121, 500, 1000]
+    with open(folder / 'val_data', 'wb') as f:
+        pickle.dump({'data': np.zeros((len(labels), 3 * 16 * 16), np.uint8), 'labels': labels}, f)
+    _, y = data.load_dataset('imagenet16-120', str(tmp_path), train=False, download=False)
+    assert y.tolist() == [0, 1, 118, 119]
+
+
+def test_ops_have_the_reference_structure():
+    import torch.nn as nn
+    from ops import OPS
+    conv = lambda m: [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+    for name in ('nor_conv_1x1', 'nor_conv_3x3'):   # NB201 ReLU-Conv-BN
+        assert [type(m) for m in OPS[name](4, 1, True)] == [nn.ReLU, nn.Conv2d, nn.BatchNorm2d], name
+    for name, k, d in (('sep_conv_3x3', 3, 1), ('sep_conv_5x5', 5, 1), ('dil_conv_3x3', 3, 2), ('dil_conv_5x5', 5, 2)):
+        op = OPS[name](4, 2, True)
+        depthwise = [c for c in conv(op) if c.groups > 1]
+        assert all(c.kernel_size == (k, k) and c.dilation == (d, d) and c.padding == (d * (k - 1) // 2,) * 2
+                   for c in depthwise), name
+        assert depthwise[0].stride == (2, 2) and all(c.stride == (1, 1) for c in depthwise[1:]), name   # first only
+    pool = OPS['avg_pool_3x3'](4, 1, True)
+    assert pool.count_include_pad is False   # DARTS and NB201: border pixels average their real neighbours
+    corner = pool(torch.ones(1, 1, 4, 4))[0, 0, 0, 0]
+    assert corner == 1.0
+
+
+def test_train_step_clips_the_unscaled_gradient_under_fp16_loss_scaling():
+    import argparse
+    torch.manual_seed(0)
+    net = torch.nn.Linear(6, 5)
+    params = list(net.parameters())
+    x, y = torch.randn(8, 6), torch.randint(0, 5, (8,))
+    args = argparse.Namespace(label_smoothing=0.0, auxiliary_weight=0.0, grad_clip=0.01, report_freq=1, epochs=1)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(params, 1.0)
+    scaler = torch.amp.GradScaler('cpu', init_scale=1024.0)
+    train.train_epoch(lambda inp: (net(inp), None), params, [(x, y)], 1, opt, scaler, _no_autocast, args,
+                      1, 0, 1.0, train.Throughput(1), lambda msg: None)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)]).norm().item()
+    assert moved == pytest.approx(0.01, rel=1e-4)
+
+
+def test_unrolled_finite_differences_nudge_by_0_01_in_norm(monkeypatch):
+    """DARTS: w+- = w -+ eps dL_val/dw' with eps = 0.01 / ||dL_val/dw'||: the two points are 0.02 apart."""
+    model, weights, opt, x, y = _step_setup('midas')
+    arch = model.arch_parameters()
+    points = []
+    train_loss = search.train_loss
+
+    def record(m, *a, **kw):
+        points.append(torch.cat([p.detach().flatten().clone() for p in weights]))
+        return train_loss(m, *a, **kw)
+
+    monkeypatch.setattr(search, 'train_loss', record)
+    args = __import__('argparse').Namespace(detach_mixing=False)
+    search.unrolled_arch_step(model, arch, weights, torch.optim.Adam(arch, 3e-4), opt, (x, y), (x, y), 0.025, args,
+                              1, _no_autocast)
+    assert len(points) == 3
+    assert (points[1] - points[2]).norm().item() == pytest.approx(0.02, rel=1e-3)
