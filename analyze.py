@@ -713,7 +713,7 @@ def transfer_cells(finals, datasets):
 
 def nb201_results(runs, table_path=None):
     """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories). The final cells'
-    accuracies, on the searched dataset and on CIFAR-100 and ImageNet16-120, are read from table_path
+    accuracies, on the searched dataset and on NAS-Bench-201's two others, are read from table_path
     (search.py --nb201-table) when given, else from genotype.json where search.py wrote them."""
     groups, seen = {}, {}
     if table_path:

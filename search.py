@@ -200,6 +200,8 @@ def resumed_flags(args, parser, argv):
     for k, v in {**ADDED_KEYS, **started}.items():
         if given.get(k, None) is unset and k not in ('save', 'resume', 'redecode'):
             setattr(args, k, v)
+    if given['nb201_table'] is unset and args.nb201_table and not os.path.isfile(args.nb201_table):
+        args.nb201_table = None   # the run's own table, not on this machine: main says so, and scores nothing
 
 
 def check_args(args):
@@ -487,11 +489,15 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
     all_reduce_mean(d_arch + d_w, world)
     eps = 0.01 / torch.cat([g.reshape(-1) for g in d_w]).norm().clamp_min(1e-12)
     hessian = []
+    draw = int(torch.randint(2 ** 62, ()))   # from the search's stream, so that a resumed run draws it alike
     for sign in (1, -1):
         with torch.no_grad():
             for p, b, g in zip(weights, backup, d_w):
                 p.copy_(b + sign * eps * g)
-        with frozen(weights):   # float32: bf16 would round the nudge (about 1e-6 of a weight) away
+        # float32: bf16 would round the nudge (about 1e-6 of a weight) away; one draw of S4's 'noise' at both
+        # points, or their difference over 2 eps is mostly that of two draws
+        with frozen(weights), fenced_random(x_tr.device):
+            torch.manual_seed(draw)
             hessian.append(torch.autograd.grad(l_train(amp=False), arch_params))
     with torch.no_grad():
         for p, b in zip(weights, backup):
@@ -780,13 +786,10 @@ def main(argv=None):
     elif os.path.exists(checkpoint):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "
                        "or choose another --save")
-    # a resumed run's own table, while it is there (another machine): a missing one scores nothing, as --redecode
-    gone = bool(args.resume and args.nb201_table and args.nb201_table == started.get('nb201_table')
-                and not os.path.isfile(args.nb201_table))
-    table = load_nb201_table(args.nb201_table, args.dataset) if args.nb201_table and not gone else None
+    table = load_nb201_table(args.nb201_table, args.dataset) if args.nb201_table else None
     log = Logger(args.save, rank)
-    if gone:
-        log(f"--nb201-table '{args.nb201_table}', the run's table, is not there: its cells go unscored (give "
+    if args.resume and not args.nb201_table and started.get('nb201_table'):   # resumed_flags let it go
+        log(f"--nb201-table '{started['nb201_table']}', the run's table, is not there: its cells go unscored (give "
             "--nb201-table to score them)")
     seed_everything(args.seed)
 

@@ -598,8 +598,8 @@ def _evaluate(forward, model, batches, autocast, device, world, limit):
 def fenced_random(device):
     """torch.random.fork_rng over the CPU's generator and the device's own (CUDA or MPS: torch.manual_seed seeds
     them too): what runs inside may reseed and draw without touching the run's random stream."""
-    own = device.type in ('cuda', 'mps')
-    return torch.random.fork_rng(devices=[device] if own else [], device_type=device.type if own else None)
+    own = device.type in ('cuda', 'mps')   # device_type given always: older torch refuses None
+    return torch.random.fork_rng(devices=[device] if own else [], device_type=device.type)
 
 
 def rng_states(device, world):
