@@ -1979,6 +1979,20 @@ def test_train_defaults_are_the_darts_protocols():
     assert train.get_args(['--arch', 'DARTS_V2']).genotype == 'DARTS_V2'   # DARTS's own train.py flag
 
 
+def test_readme_table_of_the_training_protocols_is_train_protocols():
+    """The README's table of train.py's protocols: every value of train.PROTOCOLS, '–' where a protocol has none."""
+    with open(os.path.join(HERE, 'README.md')) as f:
+        text = f.read()
+    head = '| flag | DARTS (`cifar`) | DARTS mobile (`imagenet`) | NAS-Bench-201 (`nb201`) |'
+    rows = text[text.index(head):].split('\n\n')[0].splitlines()[2:]
+    protocols = [train.PROTOCOLS[name] for name in re.findall(r'\(`(\w+)`\)', head)]
+    for row in rows:
+        flag, *cells = [c.strip().strip('`') for c in row.split('|')[1:-1]]
+        key = flag[2:].replace('-', '_')
+        assert cells == [str(p[key]) if key in p else '–' for p in protocols], flag
+    assert sorted(row.split('`')[1][2:].replace('-', '_') for row in rows) == sorted({k for p in protocols for k in p})
+
+
 def test_train_step_loss_is_smoothed_cross_entropy_plus_weighted_aux_and_the_gradient_is_clipped():
     """DARTS's retraining step (METHOD.md §10): the loss is the label-smoothed cross-entropy of the logits plus
     --auxiliary-weight times that of the auxiliary head (smoothed alike), and the step takes the gradient clipped
