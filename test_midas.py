@@ -1986,9 +1986,11 @@ def test_readme_table_of_the_training_protocols_is_train_protocols():
     head = '| flag | DARTS (`cifar`) | DARTS mobile (`imagenet`) | NAS-Bench-201 (`nb201`) |'
     rows = text[text.index(head):].split('\n\n')[0].splitlines()[2:]
     protocols = [train.PROTOCOLS[name] for name in re.findall(r'\(`(\w+)`\)', head)]
+    flags = {option for action in train.build_parser()._actions for option in action.option_strings}
     for row in rows:
         flag, *cells = [c.strip().strip('`') for c in row.split('|')[1:-1]]
         key = flag[2:].replace('-', '_')
+        assert flag in flags
         assert cells == [str(p[key]) if key in p else '–' for p in protocols], flag
     assert sorted(row.split('`')[1][2:].replace('-', '_') for row in rows) == sorted({k for p in protocols for k in p})
 
