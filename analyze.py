@@ -18,6 +18,7 @@ Runtime needs torch and numpy only: PNGs are encoded here with zlib, and Graphvi
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -620,6 +621,7 @@ SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': Fa
                'decorrelate_free': False, 'nesterov': False}
 
 
+@functools.cache   # search.py's flags do not change while this runs
 def training_flags():
     """-> (the rest of what a search's result depends on besides SETTING_KEYS: search.py's CONFIG_KEYS less the
     space, depth and seed, plus how removal chose; search.py's defaults of every flag). Read from search.py, which
@@ -633,6 +635,13 @@ def with_older_flags(settings):
     """A run's settings with SETTING_OFF's value for every flag it does not record: a run older than a flag ran
     without it, whatever today's default."""
     return {**SETTING_OFF, **settings}
+
+
+def as_ran(settings):
+    """with_older_flags(settings), and search.py's default for every training flag (training_flags) the run does
+    not record."""
+    keys, defaults = training_flags()
+    return {**{k: defaults[k] for k in keys}, **with_older_flags(settings)}
 
 
 # MIDAS's own flags, named in a setting when they differ from ArchConfig's defaults
@@ -724,7 +733,7 @@ def nb201_results(runs, table_path=None):
         settings = read_json(os.path.join(run, 'args.json'))
         if not isinstance(settings, dict) or 'method' not in settings or 'seed' not in settings:
             raise RunError(f"'{run}' holds no search.py run (its args.json lacks the method and seed)")
-        settings = {**{k: defaults[k] for k in training_keys}, **with_older_flags(settings)}
+        settings = as_ran(settings)
         history = read_json(os.path.join(run, 'history.json'))
         final_path = os.path.join(run, 'genotype.json')
         final = read_json(final_path) if os.path.isfile(final_path) else None
@@ -880,10 +889,9 @@ def main(argv=None):
 
     cell_stats = analyse(records, y.numpy(), args.bins)
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
-    training_keys, defaults = training_flags()   # compare's seed groups: runs that differ in nothing but the seed
-    ran = {**{k: defaults[k] for k in training_keys}, **with_older_flags(settings)}
+    ran = as_ran(settings)   # with the training flags: compare's seed groups are runs that differ in the seed alone
     analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
-                'settings': {k: ran.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed', *training_keys)},
+                'settings': {k: ran.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed', *training_flags()[0])},
                 'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}
     write_json(os.path.join(out, 'analysis.json'), analysis)
     write_bytes(os.path.join(out, 'report.md'), report_markdown(analysis, diagrams, mosaics, genotype).encode())

@@ -496,8 +496,7 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
                 p.copy_(b + sign * eps * g)
         # float32: bf16 would round the nudge (about 1e-6 of a weight) away; one draw of S4's 'noise' at both
         # points, or their difference over 2 eps is mostly that of two draws
-        with frozen(weights), fenced_random(x_tr.device):
-            torch.manual_seed(draw)
+        with frozen(weights), fenced_random(x_tr.device, draw):
             hessian.append(torch.autograd.grad(l_train(amp=False), arch_params))
     with torch.no_grad():
         for p, b in zip(weights, backup):
@@ -519,8 +518,7 @@ def decode(model, batches, args):
     draws in eval mode too: one fixed draw, the same on every rank and every decode, and none from the search's
     random stream."""
     device = next(model.parameters()).device
-    with fenced_random(device):
-        torch.manual_seed(args.seed)
+    with fenced_random(device, args.seed):
         return decode_weights(average_weights(model, batches), args)
 
 
@@ -558,8 +556,7 @@ def removal_costs(model, batches):
     space = model.space
 
     def loss():   # S4's 'noise' draws in eval mode too: the same draws for every removal, or noise is the cost
-        with fenced_random(device):
-            torch.manual_seed(0)
+        with fenced_random(device, 0):
             total = sum(F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches)
         return total.item() / images
 
@@ -646,10 +643,10 @@ def hessian_eigenvalue(model, arch_params, weights, batches, seed=0, iters=HESSI
     was_training = model.training
     model.eval()
     try:
-        with fenced_random(device), frozen(weights):
+        with frozen(weights):
             for _ in range(iters):
-                torch.manual_seed(seed)   # S4's 'noise': one Hessian to iterate on, not a new one every step
-                hv = hessian_vector_product(model, arch_params, batches, v)
+                with fenced_random(device, seed):   # S4's 'noise': one Hessian to iterate on, not a new one a step
+                    hv = hessian_vector_product(model, arch_params, batches, v)
                 eig, last = sum((h * u).sum() for h, u in zip(hv, v)).item(), eig   # v'Hv with |v| = 1
                 size = norm(hv)
                 if size == 0 or abs(eig - last) < 1e-3 * abs(eig):

@@ -571,8 +571,7 @@ def evaluate(forward, model, batches, autocast, device, world, limit=None):
     many of this rank's images are real (the first ones)."""
     # RDARTS S4's 'noise' draws random numbers in eval mode too: the same draws for every evaluation of the
     # same weights (so --eval repeats the run's own figure), without touching the training's random stream
-    with fenced_random(device):
-        torch.manual_seed(0)
+    with fenced_random(device, 0):
         return _evaluate(forward, model, batches, autocast, device, world, limit)
 
 
@@ -595,11 +594,15 @@ def _evaluate(forward, model, batches, autocast, device, world, limit):
     return {'test_loss': loss / n, 'test_top1': 100 * top1 / n, 'test_top5': 100 * top5 / n, 'test_images': int(n)}
 
 
-def fenced_random(device):
-    """torch.random.fork_rng over the CPU's generator and the device's own (CUDA or MPS: torch.manual_seed seeds
-    them too): what runs inside may reseed and draw without touching the run's random stream."""
+@contextlib.contextmanager
+def fenced_random(device, seed):
+    """What runs inside draws from `seed`, the same numbers every time, and the run's random stream goes on as if
+    nothing had drawn: torch.random.fork_rng over the CPU's generator and the device's own (CUDA or MPS:
+    torch.manual_seed seeds them too)."""
     own = device.type in ('cuda', 'mps')   # device_type given always: older torch refuses None
-    return torch.random.fork_rng(devices=[device] if own else [], device_type=device.type)
+    with torch.random.fork_rng(devices=[device] if own else [], device_type=device.type):
+        torch.manual_seed(seed)
+        yield
 
 
 def rng_states(device, world):
