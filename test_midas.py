@@ -2245,6 +2245,7 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
     (['--genotype', 'DARTS_V2', '--batch-size', '1'], ['one image', 'auxiliary head needs two']),
     (['--eval', 'PARTIAL'], ['is not a train.py checkpoint']),   # its network's sizes are missing
     (['--eval', 'PARTIAL', '--genotype', 'DARTS_V1'], ['leave out --genotype']),   # not silently another cell
+    (['--eval', 'PARTIAL', '--lr', '0.1', '--no-nesterov'], ['leave out --lr, --nesterov']),  # not silently ignored
 ])
 def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
     s2 = tmp_path / 'genotype.json'

@@ -338,6 +338,9 @@ RUNTIME = dict(device='auto', amp='auto', compile=False, workers=8, download=Tru
 CONFIG_KEYS = ['genotype', 'dataset', 'subset', 'init_channels', 'layers', 'cells', 'auxiliary_weight', 'cutout',
                'drop_path', 'epochs', 'batch_size', 'lr', 'schedule', 'lr_gamma', 'momentum', 'nesterov',
                'weight_decay', 'grad_clip', 'label_smoothing', 'seed']
+# Flags of training that --eval has no use for (it reads the network's from the checkpoint, and takes the data's).
+EVAL_IGNORES = ['epochs', 'cutout', 'drop_path', 'lr', 'schedule', 'lr_gamma', 'momentum', 'nesterov',
+                'weight_decay', 'grad_clip', 'label_smoothing', 'seed', 'eval_freq', 'compile']
 EVAL_BATCH = 256  # test batches of the in-memory datasets (eval mode: the size does not change the result)
 
 
@@ -683,6 +686,9 @@ def main(argv=None):
             raise RunError('--eval and --resume exclude each other')
         if args.genotype is not None:
             raise RunError('--eval reads the cell from the checkpoint; leave out --genotype')
+        ignored = [f"--{k.replace('_', '-')}" for k in EVAL_IGNORES if getattr(args, k) is not None]
+        if ignored:   # silently dropped, they would read as part of the figure
+            raise RunError(f"--eval tests the checkpoint as it was trained: leave out {', '.join(ignored)}")
         return evaluate_checkpoint(args)
     genotype, space = resolve_args(args)
     rank, world, device = setup_distributed(args.device)
