@@ -364,7 +364,7 @@ def decode_darts(space_name, weights, pairs=None):
 
 def decode_nb201(weights, ops_per_edge=None, include_none=True):
     """Per edge the argmax over the candidates, 'none' included (METHOD.md §8) unless include_none is
-    False. -> (arch string, margins)."""
+    False (search.py's default, --decode-none exclude: 'none' can disconnect the cell). -> (arch string, margins)."""
     ops_per_edge = ops_per_edge or SPACES['nb201']['normal']
     _check_shape(ops_per_edge, weights)
     chosen, margins = [], []

@@ -7,7 +7,8 @@ MIDAS replaces DARTS's static table alpha by scores computed per input and per s
   mixing  m[e]   = sum_j up(softmax_j s[e,:]) * F[e,j]                                 (§4)
   node    x_k    = sum_e up(gamma[e]) m[e], gamma from a softmax over pairs of edges  (§5)
 `method='darts'` swaps s for a learned table shared by all cells of a type (§6), in the same code.
-Imports ops.py and genotypes.py only, so these three files can be copied into another project.
+Imports ops.py and genotypes.py only, by their names, so these three files can be copied into another project as
+top-level modules.
 """
 import contextlib
 import math
@@ -64,8 +65,10 @@ _plain_paths = False   # set inside twice_differentiable()
 
 @contextlib.contextmanager
 def twice_differentiable():
-    """Inside it the supernet takes the plain-op paths it takes under torch.compile: the Functions' backwards
-    are computed without a graph, and a Hessian-vector product differentiates the backward again."""
+    """Inside it the supernet takes the plain-op paths it takes under torch.compile, whose graph a second
+    derivative (a Hessian-vector product) differentiates again. Outside it the answer is the same: a Function's
+    backward asked for a graph (create_graph=True) recomputes its forward by the plain ops and differentiates
+    that, at the cost of a second forward of each node's tokens and mixing."""
     global _plain_paths
     before, _plain_paths = _plain_paths, True
     try:
@@ -168,8 +171,10 @@ class _PatchTokens(torch.autograd.Function):
         return token
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():   # create_graph: a graph of the gradient is wanted, which the plain ops make
+            token, *maps = ctx.saved_tensors
+            return (None, *_regrad(lambda *f: _plain_tokens(f, *token.shape[2:4], 'meanstd'), maps, grad))
         # token = (m, s): m = mean f, s = sqrt(mean f^2 - m^2). With n pixels per patch, d m / df = 1/n and
         # d s / df = (f - m) / (n s), so df = up(a) + f up(b), a = (g_m - m g_s / s) / n, b = g_s / (s n).
         token, *maps = ctx.saved_tensors
@@ -206,6 +211,10 @@ def patch_tokens(maps, gh, gw, token):
     h, w = maps[0].shape[-2:]
     if token == 'meanstd' and h % gh == 0 and w % gw == 0 and not plain_paths():
         return _PatchTokens.apply((gh, gw), *maps)
+    return _plain_tokens(maps, gh, gw, token)
+
+
+def _plain_tokens(maps, gh, gw, token):
     if token == 'meanstd':   # float32 moments under autocast too, as _PatchTokens: E[f^2] - E[f]^2 cancels
         maps = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in maps]
     means = [pool_grid(f, gh, gw) for f in maps]
@@ -267,8 +276,9 @@ class _MixPatches(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():   # create_graph: as _PatchTokens
+            return _regrad(_plain_mix, ctx.saved_tensors, grad)
         weights, *maps = ctx.saved_tensors
         (b, c, h, w), (gh, gw) = maps[0].shape, weights.shape[2:]
         g = _rows(grad.contiguous(memory_format=torch.channels_last), gh)
@@ -302,10 +312,27 @@ def mix_node(maps, weights):
     if (h % gh == 0 and w % gw == 0 and not plain_paths()
             and all(f.is_contiguous(memory_format=torch.channels_last) for f in maps)):
         return _MixPatches.apply(weights, *maps)
-    x = None   # any other layout: candidate by candidate
+    return _plain_mix(weights, *maps)
+
+
+def _plain_mix(weights, *maps):
+    x = None   # candidate by candidate
     for f, wk in zip(maps, weights.unbind(1)):
         x = mix_add(x, f, wk)
     return x
+
+
+def _regrad(plain, inputs, grad):
+    """The gradient of plain(*inputs) (the plain-op twin of a Function) with its own graph, for a backward asked
+    for one: the Functions' hand-written backwards are not differentiable again."""
+    # An alias per argument, so that each place gets its own gradient only: a map given twice, or beside a
+    # convolution of itself (a state and an op on it), would be handed its whole gradient at each place.
+    with torch.enable_grad():
+        inputs = [x.view_as(x) if x.requires_grad else x for x in inputs]
+        out = plain(*inputs)
+    needed = [x for x in inputs if x.requires_grad]
+    grads = iter(torch.autograd.grad(out, needed, grad, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if x.requires_grad else None for x in inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,7 +739,9 @@ def aux_skip_weight(epoch, epochs):
 class SearchNetwork(nn.Module):
     """The supernet of any space. DARTS-style spaces: DARTS's search Network (stem 3C, `layers` cells,
     reductions at 1/3 and 2/3). NB201: the NAS-Bench-201 macro network (three stages of `cells` cells
-    at C, 2C, 4C joined by residual blocks)."""
+    at C, 2C, 4C joined by residual blocks). Any memory layout gives the same values; the hand-fused token and
+    mixing kernels run on channels-last maps (`.to(memory_format=torch.channels_last)` for the network and its
+    input, as search.py does), and a network in NCHW takes plain ops."""
 
     def __init__(self, space, C=16, num_classes=10, layers=8, cells=5, cfg=ArchConfig(), stem_multiplier=3):
         super().__init__()

@@ -22,7 +22,7 @@ import data
 import genotypes as G
 import search
 from model import (ArchConfig, NodeAttention, SearchCell, SearchNetwork, edge_weights, grid_size, mix_add, mix_node,
-                   patch_tokens, pool_grid)
+                   patch_tokens, pool_grid, twice_differentiable)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--epochs', '1', '--batch-size', '8', '--init-channels', '4', '--layers', '3', '--cells', '1',
@@ -996,6 +996,29 @@ def test_hessian_vector_product_is_the_gradients_derivative(method):
           - _gradient_at(model, params, x, y, [-eps * u for u in v])) / (2 * eps)
     assert fd.abs().max() > 1e-5   # a curvature to measure
     assert torch.allclose(hv, fd, rtol=1e-5, atol=1e-7 * fd.abs().max().item())
+
+
+@pytest.mark.parametrize('method, space', [('midas', 'nb201'), ('darts', 'nb201'), ('midas', 's3')])
+def test_a_second_derivative_through_the_fused_functions_is_exact(method, space):
+    """Whoever copies model.py and differentiates twice (an exact Hessian-vector product, a gradient penalty) without
+    twice_differentiable() goes through the hand-fused Functions: their backwards, asked for a graph, must give the
+    plain ops' second derivative. Once marked once_differentiable, they dropped its terms silently (0.36-0.75 off),
+    and a map given beside its own descendant (a state and a convolution of it) counted twice."""
+    model, _, x, y = _float64_supernet(method, space)
+    params = model.arch_parameters()
+    g = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+
+    def hvp():
+        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+        return torch.cat([h.flatten() for h in torch.autograd.grad(sum((a * b).sum() for a, b in zip(grads, v)),
+                                                                    params)])
+
+    fused = hvp()
+    with twice_differentiable():
+        plain = hvp()
+    assert plain.abs().max() > 1e-4
+    torch.testing.assert_close(fused, plain, rtol=1e-9, atol=1e-12 * plain.abs().max().item())
 
 
 def test_hessian_eigenvalue_is_the_largest_of_the_whole_hessian():
