@@ -10,8 +10,9 @@ A report runs the search's supernet over --samples test images and, per search c
 looks at the per-image weight w_i (the op's mixing weight averaged over the patches of image i):
   distribution    mean, std and histogram of w_i; Sarle's bimodality coefficient b (unimodal when b < 5/9)
   class-awareness one-way ANOVA of w_i by class: F (about 1 when the class does not matter) and eta^2
-  discrimination  normalised entropy and top-1 margin of the mean weights of each edge (what decoding reads),
-                  and the mean entropy of the per-patch weights (how decisively each patch picks)
+  discrimination  normalised entropy and top-1 margin of the mean weights of each edge (the weights decoding
+                  reads, 'none' included), and the mean entropy of the per-patch weights (how decisively each
+                  patch picks)
   scores          each op's logit less its edge's mean logit (MIDAS's score up to a constant per image and patch):
                   its level and its spread over images and patches, which together make the mean weight
 Runtime needs torch and numpy only: PNGs are encoded here with zlib, and Graphviz's `dot` is used if on PATH.
@@ -195,6 +196,7 @@ def load_run(run, device):
     if not (isinstance(settings, dict) and isinstance(state, dict) and isinstance(state.get('config', {}), dict)):
         raise RunError(f"'{run}' does not hold a search.py run (its args.json or checkpoint.pt is of something else)")
     settings.update(state.get('config', {}))
+    settings['checkpoint_epoch'] = state.get('epoch')   # a killed or running search stopped short of 'epochs'
     missing = [k for k in ('space', 'method', 'dataset', 'init_channels', 'layers', 'cells') if k not in settings]
     if missing:
         raise RunError(f"'{run}' does not record {', '.join(missing)} (neither args.json nor the checkpoint)")
@@ -460,7 +462,8 @@ def report_markdown(analysis, diagrams, mosaics, genotype):
     s = analysis['settings']
     md = [f"# What the search decided: {analysis['name']}\n",
           f"Space {s['space']}, method {s['method']}, patch {s.get('patch')}, {s['dataset']}, "
-          f"epochs {s.get('epochs')}; statistics over {analysis['samples']} {analysis['split']} images (seed 0).\n"]
+          f"epochs {s.get('epochs')}{unfinished(analysis)}; statistics over {analysis['samples']} "
+          f"{analysis['split']} images (seed 0).\n"]
     if genotype is not None:
         md.append(f'Genotype: `{genotype}`\n')
         md.append('## Cells\n')
@@ -486,11 +489,11 @@ def report_markdown(analysis, diagrams, mosaics, genotype):
                     [[c['cell'], c['type'], '{}x{}'.format(*c['grid'])] + [fmt(c[k]) for k, _ in CELL_COLUMNS]
                      for c in analysis['cells']] +
                     [['all', '', ''] + [fmt(analysis['summary'][k]) for k, _ in CELL_COLUMNS]]))
-    md.append('entropy, margin: normalised entropy and top-1 margin of each edge\'s mean weights (what decoding '
-              'reads), averaged over edges; patch entropy: mean normalised entropy of the weights of single '
-              'patches; class F, η²: one-way ANOVA of the per-image weights by class, averaged over edges and ops '
-              '(F ≈ 1 when the class does not matter); unimodal: share of the per-op distributions with '
-              "Sarle's bimodality coefficient below 5/9 (constant ones count as unimodal).\n")
+    md.append('entropy, margin: normalised entropy and top-1 margin of each edge\'s mean weights (the weights '
+              "decoding reads, 'none' included), averaged over edges; patch entropy: mean normalised entropy of the "
+              'weights of single patches; class F, η²: one-way ANOVA of the per-image weights by class, averaged '
+              'over edges and ops (F ≈ 1 when the class does not matter); unimodal: share of the per-op '
+              "distributions with Sarle's bimodality coefficient below 5/9 (constant ones count as unimodal).\n")
     md.append('## Mean ± std of the per-image weights\n')
     for c in analysis['cells']:
         md.append(f"### Cell {c['cell']} ({c['type']}, {c['grid'][0]}x{c['grid'][1]} patches)\n")
@@ -517,8 +520,11 @@ def seed_groups(analyses):
     two runs or more, so that compare can put a mean and spread over seeds beside the single runs."""
     groups = {}
     for a in analyses:
-        setting = {k: v for k, v in a['settings'].items() if k != 'seed'}
-        key = json.dumps([setting, a.get('split'), a.get('samples')], sort_keys=True)
+        s = a['settings']
+        ignored = {'seed', *(MIDAS_ONLY if s.get('method') != 'midas' else ())}   # as nb201's rows
+        setting = {k: v if UNUSED_UNLESS.get(k, lambda s: True)(s) else NOT_USED for k, v in s.items()
+                   if k not in ignored}
+        key = json.dumps([setting, a.get('split'), a.get('samples'), a.get('epoch')], sort_keys=True)
         groups.setdefault(key, []).append(a)
     return [g for g in groups.values()
             if len(g) > 1 and len({a['settings'].get('seed') for a in g} - {None}) == len(g)]
@@ -527,6 +533,12 @@ def seed_groups(analyses):
 def method_patch(settings):
     """A compare row's method and patch columns (no patch for DARTS)."""
     return settings['method'], settings.get('patch') if settings['method'] == 'midas' else '–'
+
+
+def unfinished(analysis):
+    """'' or, for a supernet read from a search stopped at epoch K of N, ' (unfinished: epoch K of N)'."""
+    epochs, epoch = analysis['settings'].get('epochs'), analysis.get('epoch')
+    return f' (unfinished: epoch {epoch} of {epochs})' if epoch is not None and epochs and epoch < epochs else ''
 
 
 def compare_markdown(analyses):
@@ -545,9 +557,11 @@ def compare_markdown(analyses):
                        '(classes - 1) / (images - 1))'),
         ('unimodal_share', 'Share of unimodal per-op weight distributions (Sarle b < 5/9)')]
     groups = seed_groups(analyses)
+    spaces = {a['settings'].get('space') for a in analyses}   # a column of its own only where the runs differ in it
+    space = (lambda a: [a['settings'].get('space')]) if len(spaces) > 1 else (lambda a: [])
     md = []
     for key, caption in metrics:
-        header = ['run', 'method', 'patch'] + column
+        header = ['run', *(['space'] if len(spaces) > 1 else []), 'method', 'patch'] + column
         rows = []
         for a in analyses:
             if key == 'grid':
@@ -556,12 +570,12 @@ def compare_markdown(analyses):
             else:
                 values = [fmt(c[key]) for c in a['cells']] + ['–'] * (n_cells - len(a['cells']))
                 values.append(fmt(a['summary'][key]))
-            rows.append([a['name'], *method_patch(a['settings'])] + values)
+            rows.append([a['name'] + unfinished(a), *space(a), *method_patch(a['settings'])] + values)
         if key != 'grid':
             for group in groups:
                 values = [mean_std([c['cells'][i][key] for c in group if i < len(c['cells'])], 4)
                           for i in range(n_cells)] + [mean_std([c['summary'][key] for c in group], 4)]
-                rows.append([f"mean ± std of {', '.join(a['name'] for a in group)}",
+                rows.append([f"mean ± std of {', '.join(a['name'] + unfinished(a) for a in group)}", *space(group[0]),
                              *method_patch(group[0]['settings'])] + values)
         md.append(f'**{caption}**\n\n' + table(header + ([] if key == 'grid' else ['mean']), rows))
     return '\n'.join(md)
@@ -741,12 +755,15 @@ def nb201_results(runs, table_path=None):
             raise RunError(f"'{run}' has no finished NAS-Bench-201 search (no arch in its genotype.json)")
         if 'nb201' not in final and not table_path:
             raise RunError(f"'{run}' was searched without --nb201-table: give analyze.py nb201 --nb201-table T")
-        if table_path:   # every column from the one table, the searched dataset's too: a row mixes no two tables
-            final['nb201_datasets'] = search.nb201_scores(nb201_table, final.get('arch'))
+        if table_path:   # every column from the one table, the searched dataset's and each epoch's too: a row
+            final['nb201_datasets'] = search.nb201_scores(nb201_table, final.get('arch'))   # mixes no two tables
             dataset = settings.get('dataset', 'cifar10')
             final['nb201'] = search.nb201_score(nb201_table, final.get('arch'), dataset)   # as search.py scores it
             if final['nb201'] is None:
                 raise RunError(f"'{run}': its cell {final.get('arch')} has no {dataset} score in '{table_path}'")
+            for entry in history:
+                arch = (entry.get('genotype') or {}).get('arch')
+                entry['nb201'] = search.nb201_score(nb201_table, arch, dataset) if isinstance(arch, str) else None
         # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
         settings['select'] = final.get('select', 'weights')
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
@@ -774,7 +791,7 @@ def nb201_results(runs, table_path=None):
         epochs = min(len(h) for _, _, h in runs_)
         # an epoch some run did not score (--nb201-table added on --resume) is '–', not the mean of the others
         trajectory = ' → '.join(mean_std(tests).split(' ±')[0] if None not in tests else '–'
-                                for tests in ([h[e].get('nb201', {}).get('test') for _, _, h in runs_]
+                                for tests in ([(h[e].get('nb201') or {}).get('test') for _, _, h in runs_]
                                               for e in range(epochs)))
         eigs = [[h[e].get('hessian_eig') for _, _, h in runs_] for e in range(epochs)]
         rough = [any(h[e].get('hessian_settled') is False for _, _, h in runs_) for e in range(epochs)]
@@ -855,11 +872,13 @@ def main(argv=None):
     if args.command in ('compare', 'nb201'):
         if args.command == 'compare':
             analyses = [load_analysis(r) for r in args.runs]
-            try:
-                text = compare_markdown(analyses)
-            except (KeyError, TypeError, IndexError, AttributeError, StopIteration, ValueError) as e:
-                raise RunError(f"these are not analysis.json files of `analyze.py report` ({type(e).__name__}: "
-                               f"{e})") from None
+            for run, analysis in zip(args.runs, analyses):   # each alone first: a bad one is named
+                try:
+                    compare_markdown([analysis])
+                except (KeyError, TypeError, IndexError, AttributeError, StopIteration, ValueError) as e:
+                    raise RunError(f"'{run}' holds no analysis.json of `analyze.py report` ({type(e).__name__}: "
+                                   f"{e})") from None
+            text = compare_markdown(analyses)
         else:
             text = nb201_results(args.runs, args.nb201_table)
         print(text)
@@ -891,6 +910,7 @@ def main(argv=None):
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
     ran = as_ran(settings)   # with the training flags: compare's seed groups are runs that differ in the seed alone
     analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
+                'epoch': settings['checkpoint_epoch'],
                 'settings': {k: ran.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed', *training_flags()[0])},
                 'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}
     write_json(os.path.join(out, 'analysis.json'), analysis)

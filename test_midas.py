@@ -1843,6 +1843,18 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     assert (recorded['lr'], recorded['nesterov'], recorded['seed']) == (0.025, False, 0)
     assert 'mean ± std' not in analyze.compare_markdown([seeded('s0', 0, 4, 0.5), {
         **seeded('s1', 1, 4, 0.7), 'settings': {**seeded('s1', 1, 4, 0.7)['settings'], 'lr': 0.1}}])
+    # darts runs that differ in MIDAS's flags and decode sizes, which change nothing for them, are seeds of one
+    # setting, as nb201's rows have them
+    darts = lambda name, seed, patch: {**seeded(name, seed, patch, 0.5), 'settings': {  # noqa: E731
+        'method': 'darts', 'patch': patch, 'decode_samples': 16 * patch, 'select': 'weights', 'seed': seed}}
+    assert '| mean ± std of d0, d1 | darts | – |' in analyze.compare_markdown([darts('d0', 0, 4), darts('d1', 1, 0)])
+    # a supernet read from a search stopped short is no seed of the finished ones, and says so; another space is
+    # a column of its own
+    at = lambda a, epoch, space: {**a, 'epoch': epoch, 'settings': {**a['settings'], 'epochs': 3, 'space': space}}
+    text = analyze.compare_markdown([at(seeded('s0', 0, 4, 0.5), 3, 'nb201'), at(seeded('s1', 1, 4, 0.7), 1, 'nb201'),
+                                     at(seeded('s2', 2, 4, 0.7), 3, 'darts')])
+    assert 'mean ± std' not in text and '| s1 (unfinished: epoch 1 of 3) | nb201 | midas | 4 |' in text
+    assert '| s2 | darts | midas | 4 |' in text
     assert analyze.budget_name({'epochs': 1, 'init_channels': 4, 'cells': 1, 'subset': 512}).endswith(', 512 img')
     # a run older than --edge-norm (neither its args.json nor its checkpoint name it) is rebuilt as it ran
     assert model.cfg.edge_norm
@@ -1905,8 +1917,8 @@ def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
         analyze.main(['report', '--run', str(foreign)])
     broken = tmp_path / 'broken.json'
     broken.write_text(json.dumps({'cells': [{'grid': [1, 1]}], 'settings': {}}))
-    with pytest.raises(analyze.RunError, match='not analysis.json files'):
-        analyze.main(['compare', str(broken)])
+    with pytest.raises(analyze.RunError, match="broken.json' holds no analysis.json"):   # the bad one of several
+        analyze.main(['compare', save, str(broken)])
 
 
 # ---- train.py (issue 3) ----
@@ -2851,6 +2863,10 @@ def test_nb201_results_table(tmp_path):
     (c100 / 'args.json').write_text(json.dumps({'method': 'darts', 'seed': 0, 'dataset': 'cifar100'}))
     (c100 / 'history.json').write_text(json.dumps([{'epoch': 1}]))
     (c100 / 'genotype.json').write_text(json.dumps({'arch': G.NB201_BEST}))
+    scored = tmp_path / 'scored'   # a run scored by another table: --nb201-table rescores its epochs too
+    shutil.copytree(c100, scored)
+    (scored / 'history.json').write_text(json.dumps([{'epoch': 1, 'genotype': {'space': 'nb201', 'arch': G.NB201_BEST},
+                                                      'nb201': {'valid': 90.0, 'test': 93.0}}]))
     with pytest.raises(analyze.RunError, match='searched without --nb201-table'):
         analyze.nb201_results([str(c100)])
     table = tmp_path / 'nb201.csv'
@@ -2858,7 +2874,8 @@ def test_nb201_results_table(tmp_path):
     text = analyze.nb201_results([str(c100)], str(table))
     assert ('| NB201 valid | NB201 test | CIFAR-10 valid | CIFAR-10 test | ImageNet16-120 valid | ImageNet16-120 '
             'test |') in text
-    assert '| 3.00 | 4.00 | 1.00 | 2.00 | 5.00 | 6.00 |' in text
+    assert '| 3.00 | 4.00 | 1.00 | 2.00 | 5.00 | 6.00 | – |' in text   # no epoch's cell in its history
+    assert '| 3.00 | 4.00 | 1.00 | 2.00 | 5.00 | 6.00 | 4.00 |' in analyze.nb201_results([str(scored)], str(table))
 
 
 def test_nb201_results_rows_name_what_sets_them_apart(tmp_path):
