@@ -103,6 +103,8 @@ def get_args(argv=None):
     from train import RunError
     if args.skip - {'search', 'memory', 'train', 'data'}:
         raise RunError(f"--skip takes search, memory, train, data; not {', '.join(sorted(args.skip))}")
+    if args.skip == {'search', 'memory', 'train', 'data'}:
+        raise RunError('--skip leaves nothing to measure')
     for name in ('iters', 'batch_size', 'init_channels', 'layers', 'cells', 'train_channels', 'train_layers',
                  'train_batch_size', 'data_images', 'data_batch_size', 'data_epochs', 'mem_iters', 'epoch_images'):
         if getattr(args, name) < 1:
@@ -143,12 +145,12 @@ class Clock:
 
 
 def rss_mb():
-    """This process's resident set now (Linux /proc), in MB."""
+    """This process's resident set now (Linux /proc), in MB; None elsewhere (JSON has no NaN)."""
     try:
         with open('/proc/self/statm') as f:
             return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
     except (OSError, ValueError, IndexError):
-        return float('nan')
+        return None
 
 
 def peak_rss_mb():
@@ -416,8 +418,9 @@ def main(argv=None):
             res[f'peak_mem_mb_{m}'] = mem[m][kind]
             res[f'peak_rss_mb_{m}'] = mem[m]['peak_rss_mb']
             res[f'rss_after_build_mb_{m}'] = mem[m]['rss_after_build_mb']
+            built = mem[m]['rss_after_build_mb']
             rows.append((f'peak memory, {m}', f'{mem[m][kind]:,.0f} MB', res['peak_mem_kind'],
-                         f"RSS after building {mem[m]['rss_after_build_mb']:,.0f} MB"))
+                         f'RSS after building {built:,.0f} MB' if built is not None else ''))
         res['peak_mem_ratio'] = res['peak_mem_mb_midas'] / res['peak_mem_mb_darts']
         rows.append(('peak memory midas / darts', f"{res['peak_mem_ratio']:.3f}", '', ''))
     if 'train' not in args.skip:
@@ -431,7 +434,8 @@ def main(argv=None):
                      f'{args.train_batch_size / med:,.0f} img/s', f'min {min(times):.4f} s'))
     if 'data' not in args.skip:
         n, dt = bench_data(args, device)
-        res.update(data_images_per_s=n / dt, data_batch_size=args.data_batch_size, data_images=args.data_images)
+        res.update(data_images_per_s=n / dt, data_s=dt, data_images_timed=n, data_batch_size=args.data_batch_size,
+                   data_images=args.data_images)
         rows.append((f'data path, batch {args.data_batch_size} (crop, flip, cutout 16)', f'{dt:.2f} s',
                      f'{n / dt:,.0f} img/s', f'{n} images'))
 

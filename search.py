@@ -28,9 +28,9 @@ from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, 
 from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
                    twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
-                   fenced_random, load_checkpoint, reduce_sum, refuse_other_config, restoring, resume_folder,
-                   rng_states, run_cli, save_checkpoint, seed_everything, set_rng_states, setup_distributed,
-                   started_with, write_json)
+                   fenced_random, load_checkpoint, no_run_to_resume, reduce_sum, refuse_other_config, restoring,
+                   resume_folder, rng_states, run_cli, save_checkpoint, seed_everything, set_rng_states,
+                   setup_distributed, started_with, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
@@ -776,7 +776,9 @@ def main(argv=None):
         started = started_with(args.resume)
         keys = [k for k in CONFIG_KEYS if args.method == 'midas' or k not in MIDAS_ONLY]  # darts ignores them
         older = {**ADDED_KEYS, **{k: v for k, v in started.items() if k in CONFIG_KEYS}}
-        if os.path.exists(checkpoint) or not started:
+        if not os.path.exists(checkpoint) and not started:
+            raise no_run_to_resume(args.resume, 'search.py')
+        if os.path.exists(checkpoint):
             resume_state = load_checkpoint(checkpoint, config, keys, older)
         else:   # its args.json alone: stopped in its first epoch, it starts again, but as the run it was
             refuse_other_config(older, config, keys, f"'{os.path.join(args.resume, 'args.json')}'")

@@ -1223,8 +1223,11 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
     # the run's own flags, data and device, from its args.json; what may change (the data's path, the log's
     # frequency) changes nothing of the search
     moved = [] if flags else ['--data', str(shutil.copytree(cifar, tmp_path / 'moved')), '--report-freq', '3']
+    stale = os.path.join(killed, '.tmp-k2j4checkpoint.pt')   # what SIGKILL or SIGTERM leaves of a save under way
+    open(stale, 'wb').close()
     r = run_script('search.py', '--resume', killed, *moved)
     assert r.returncode == 0, r.stderr
+    assert not os.path.exists(stale)
     for name in ('genotype.json', 'weights.json', 'history.json'):   # what it decoded from, too
         with open(os.path.join(full, name)) as f1, open(os.path.join(killed, name)) as f2:
             assert json.load(f1) == json.load(f2), name
@@ -1234,7 +1237,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
         return
     # killed in its first epoch (its args.json written, no checkpoint yet): --resume runs it again from the start
     early = tmp_path / 'early'
-    early.mkdir()
+    early.mkdir()   # killed before its args.json: nothing to resume, and the way to start it again
+    _one_line_error(run_script('search.py', '--resume', str(early)), 'no readable args.json',
+                    f'give its command again with --save {early}')
     shutil.copy(os.path.join(full, 'args.json'), early / 'args.json')
     _one_line_error(run_script('search.py', '--resume', str(early), '--save', full), 'continues in its own folder')
     # it starts again as the run it was: another flag is refused, and its args.json is left as it was
@@ -2141,7 +2146,9 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     _one_line_error(_train_cli(capsys, '--resume', killed, '--save', full), 'continues in its own folder')
     # killed in its first epoch (args.json and genotype.json written, no checkpoint yet): --resume trains it again
     early = tmp_path / 'early'
-    early.mkdir()
+    early.mkdir()   # killed before its args.json: nothing to resume, and the way to start it again
+    _one_line_error(run_script('search.py', '--resume', str(early)), 'no readable args.json',
+                    f'give its command again with --save {early}')
     for name in ('args.json', 'genotype.json'):
         shutil.copy(os.path.join(full, name), early / name)
     for flags, word in ((['--lr', '0.1'], 'lr'), (['--genotype', 'DARTS_V2'], 'genotype')):   # as the run it was
@@ -2921,6 +2928,7 @@ def test_bench_reports_every_figure_as_one_json_line():
                 'search_epoch_s_midas', 'search_epoch_s_darts', 'search_run_h_midas', 'search_run_h_darts'):
         assert res[key] > 0 and math.isfinite(res[key]), key
     assert res['search_ratio_midas_darts'] == pytest.approx(res['search_iter_s_midas'] / res['search_iter_s_darts'])
+    assert res['data_images_per_s'] == pytest.approx(res['data_images_timed'] / res['data_s'])   # from the JSON alone
     for m in ('midas', 'darts'):   # an epoch: --epoch-images // batch iterations, then the decode
         assert res[f'search_epoch_s_{m}'] == pytest.approx(100 // 4 * res[f'search_iter_s_{m}'] + res[f'decode_s_{m}'])
         assert res[f'search_run_h_{m}'] > res['search_epochs'] * res[f'search_epoch_s_{m}'] / 3600
@@ -2931,6 +2939,8 @@ def test_bench_reports_every_figure_as_one_json_line():
 def test_bench_bad_flags_are_one_line(tmp_path):
     r = run_script('bench.py', '--skip', 'everything')
     _one_line_error(r, '--skip')
+    r = run_script('bench.py', '--skip', 'search,memory,train,data')   # an empty table, exit 0, before
+    _one_line_error(r, 'nothing to measure')
     r = run_script('bench.py', '--train-channels', '0', '--skip', 'search,memory,data')   # not the default's 0
     _one_line_error(r, '--train-channels must be at least 1')
     r = run_script('bench.py', '--batch-size', '1', '--skip', 'search,memory,data')   # the retraining step's follows

@@ -211,7 +211,18 @@ def resume_folder(args):
     """--resume RUN continues in RUN: -> RUN. A --save elsewhere is refused rather than ignored."""
     if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
         raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
+    if int(os.environ.get('RANK', 0)) == 0 and os.path.isdir(args.resume):   # rank 0 alone writes there
+        for name in os.listdir(args.resume):   # atomic_write's temp files of a run that SIGKILL or SIGTERM (a
+            if name.startswith('.tmp-'):         # preemption) stopped before its cleanup could run
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(args.resume, name))
     return args.resume
+
+
+def no_run_to_resume(run, script):
+    """The error for --resume RUN where RUN holds no args.json: a run killed as it started leaves only its folder."""
+    hint = f'; a run stopped as it started: give its command again with --save {run}' if os.path.isdir(run) else ''
+    return RunError(f"'{run}' holds no {script} run to resume (no readable args.json){hint}")
 
 
 def started_with(run, parser=None, script=None):
@@ -406,7 +417,7 @@ def resolve_args(args):
     if args.resume:
         saved = started_with(args.resume, build_parser(), 'train.py')
         if not saved:
-            raise RunError(f"'{args.resume}' holds no train.py run to resume (no readable args.json)")
+            raise no_run_to_resume(args.resume, 'train.py')
         _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
         if not args.genotype:
             args.genotype = os.path.join(args.resume, 'genotype.json')
