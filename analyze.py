@@ -460,8 +460,9 @@ def edge_op_table(cell, mean_key, std_key, mean_format):
 
 def report_markdown(analysis, diagrams, mosaics, genotype):
     s = analysis['settings']
+    patch = f", patch {s.get('patch')}" if s['method'] == 'midas' else ''   # a static table has no patches
     md = [f"# What the search decided: {analysis['name']}\n",
-          f"Space {s['space']}, method {s['method']}, patch {s.get('patch')}, {s['dataset']}, "
+          f"Space {s['space']}, method {s['method']}{patch}, {s['dataset']}, "
           f"epochs {s.get('epochs')}{unfinished(analysis)}; statistics over {analysis['samples']} "
           f"{analysis['split']} images (seed 0).\n"]
     if genotype is not None:

@@ -385,6 +385,15 @@ def main(argv=None):
            'iters': args.iters, 'warmup': args.warmup,
            'detach_mixing': midas_args.detach_mixing, 'edge_norm': midas_args.edge_norm,
            'token_bn': midas_args.token_bn}
+    depth = f"{args.layers} cells" if args.space != 'nb201' else f"{args.cells} cells/stage"
+    print(f"bench.py on {res['device']}, {res['threads']} threads, torch {res['torch']}, {res['date']}, "
+          f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, {depth}, "
+          f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
+          f"edge-norm {res['edge_norm']}, token-bn {res['token_bn']}, {'second' if args.unrolled else 'first'} order, "
+          f"detach-mixing {res['detach_mixing']}, amp {res['amp']}, "
+          f"compile {args.compile}, "
+          f"channels_last {res['channels_last']}; medians of {args.iters} after {args.warmup} warm-up",
+          flush=True)   # first: at the default sizes on a CPU the figures take minutes
     rows = []
     if 'search' not in args.skip:
         # search.py's epoch: epoch_images // batch iterations, then a decode of its first --epoch-decode-samples
@@ -439,14 +448,6 @@ def main(argv=None):
         rows.append((f'data path, batch {args.data_batch_size} (crop, flip, cutout 16)', f'{dt:.2f} s',
                      f'{n / dt:,.0f} img/s', f'{n} images'))
 
-    depth = f"{args.layers} cells" if args.space != 'nb201' else f"{args.cells} cells/stage"
-    print(f"bench.py on {res['device']}, {res['threads']} threads, torch {res['torch']}, {res['date']}, "
-          f"commit {res['commit']}: space {args.space}, {args.init_channels} channels, {depth}, "
-          f"batch {args.batch_size}, patch {args.patch}, token {args.token}, "
-          f"edge-norm {res['edge_norm']}, token-bn {res['token_bn']}, {'second' if args.unrolled else 'first'} order, "
-          f"detach-mixing {res['detach_mixing']}, amp {res['amp']}, "
-          f"compile {args.compile}, "
-          f"channels_last {res['channels_last']}; medians of {args.iters} after {args.warmup} warm-up")
     width = max((len(r[0]) for r in rows), default=10)
     for r in rows:
         print(f'  {r[0]:<{width}}  {r[1]:>12}  {r[2]:>16}  {r[3]}')

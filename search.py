@@ -59,7 +59,8 @@ def get_args(argv=None):
     p.add_argument('--method', default=ArchConfig.method,
                    help='midas (attention) or darts (static alpha; default %(default)s)')
     p.add_argument('--patch', type=int, default=ArchConfig.patch,
-                   help='patch side in pixels; 0 = global pooling (default %(default)s)')
+                   help='patch side in pixels: a grid of H // PS cells per side of an H x H map (uneven patches where '
+                        'PS does not divide H), one cell where PS > H; 0 = global pooling (default %(default)s)')
     p.add_argument('--topology', action=argparse.BooleanOptionalAction, default=None,
                    help='pair-of-edges node (default: on for midas, off for darts; never for nb201)')
     p.add_argument('--attn-dim', type=int, default=ArchConfig.attn_dim,
@@ -206,6 +207,8 @@ def resumed_flags(args, parser, argv):
 
 def check_args(args):
     space = get_space(args.space)
+    if args.topology and space['kind'] == 'nb201':
+        raise RunError('--topology does not apply to NAS-Bench-201: its nodes sum every incoming edge (METHOD.md §5)')
     if args.topology is None:
         args.topology = args.method == 'midas' and space['kind'] == 'darts'
     cfg = ArchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ArchConfig)})  # one flag each
@@ -708,11 +711,14 @@ def redecode(args):
                        f"search ({type(e).__name__}: {e})") from None
     table_path = args.nb201_table or settings.get('nb201_table')   # the run's own table, while it is there
     if not args.nb201_table and not (table_path and os.path.isfile(table_path)):
+        if table_path:
+            print(f"{run}: its table '{table_path}' is not there: the cell goes unscored (give --nb201-table)")
         table_path = None
     table = load_nb201_table(table_path, settings['dataset']) if table_path else None
     score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
     if 'removal_costs' in record:   # a measurement of the supernet, still true; the cell it chose is replaced
         new['removal_costs'] = record['removal_costs']
+        print(f"{run}: the cell chosen by removal (--select perturb) is replaced by the one its weights give")
     scores = nb201_scores(table, genotype)
     write_result(run, genotype, new, settings['space'], score, args, scores)
     scored = (f" NAS-Bench-201 valid {score['valid']:.2f} test {score['test']:.2f}"
@@ -749,7 +755,7 @@ def min_margin(margins):
 
 
 def margin_text(margin):
-    return 'none: no choice had a runner-up' if margin is None else f'{margin:.4f}'
+    return 'none: no choice had a runner-up' if margin is None else f'{margin:.3g}'   # loss units too: 1e-5 is no tie
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,6 +767,9 @@ def main(argv=None):
             raise RunError('--redecode and --resume exclude each other: --redecode RUN decodes a finished run again')
         return redecode(args)
     cfg = check_args(args)
+    # absolute in args.json: a run resumed, re-decoded or analysed from another folder finds its data and table
+    args.data = os.path.abspath(args.data)
+    args.nb201_table = args.nb201_table and os.path.abspath(args.nb201_table)
     rank, world, device = setup_distributed(args.device)
     if args.batch_size % world:   # uneven slices would weigh one rank's images more in the averaged gradients
         raise RunError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
@@ -859,7 +868,8 @@ def main(argv=None):
             write_json(os.path.join(args.save, 'args.json'), vars(args))
         n_arch = sum(p.numel() for p in arch_params)
         n_w = sum(p.numel() for p in weights)
-        log(f'search {args.space} {args.method} patch={args.patch} topology={args.topology} on {args.dataset}: '
+        patch = f' patch={args.patch}' if args.method == 'midas' else ''   # a static table has no patches
+        log(f'search {args.space} {args.method}{patch} topology={args.topology} on {args.dataset}: '
             f'{len(train_idx)}+{len(val_idx)} images, {n_w / 1e6:.3f}M weights, {n_arch} architecture '
             f'parameters, device {device}, world {world}')
         if args.arch_warmup >= args.epochs:

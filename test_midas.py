@@ -799,7 +799,11 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
         rows.append(f'{k},{G.nb201_str(ops)},{k % 97 / 1.0},{k % 89 / 1.0},{k % 83},{k % 79},{k % 73},{k % 71}')
     table.write_text('\n'.join(rows) + '\n')
     save = str(tmp_path / 'run')
-    arch = search.main(['--data', cifar, '--save', save, '--space', 'nb201', '--nb201-table', str(table), *TINY])
+    arch = search.main(['--data', cifar, '--save', save, '--space', 'nb201', '--nb201-table', os.path.relpath(table),
+                        *TINY])
+    with open(os.path.join(save, 'args.json')) as f:   # typed relative, kept absolute: found from any folder later
+        started = json.load(f)
+    assert (started['nb201_table'], started['data']) == (str(table), os.path.abspath(cifar))
     k = [G.nb201_str(ops) for ops in itertools.product(G.NB201_PRIMITIVES, repeat=6)].index(arch)
     out = capsys.readouterr().out
     others = (f'(the same cell on cifar100: valid {k % 83:.2f} test {k % 79:.2f}; imagenet16-120: valid '
@@ -828,6 +832,7 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
     assert others in capsys.readouterr().out
     moved = tmp_path / 'moved.csv'   # the run's own table gone (another machine): a resume goes on, unscored
     table.rename(moved)
+    assert search.main(['--redecode', save]) == arch and 'is not there: the cell goes unscored' in capsys.readouterr().out
     assert search.main(['--resume', save]) == arch
     assert "the run's table, is not there" in capsys.readouterr().out
     with pytest.raises(train.RunError, match='cannot read --nb201-table'):   # a path typed now must be there
@@ -1402,6 +1407,7 @@ def _one_line_error(r, *words):
     (['--device', 'meta'], ["device 'meta' is not supported"]),
     (['--lr-min', '0.5'], ['--lr-min 0.5 is above --lr 0.025']),
     (['--tau', 'inf'], ['--tau must be positive and finite']),
+    (['--space', 'nb201', '--topology'], ['--topology does not apply to NAS-Bench-201']),   # it would be ignored
     (['--seed', '-1'], ['--seed must be in [0, 2**32)']),
     (['--nb201-table', ''], ['--nb201-table: an empty path']),
 ])
