@@ -832,7 +832,8 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
     assert others in capsys.readouterr().out
     moved = tmp_path / 'moved.csv'   # the run's own table gone (another machine): a resume goes on, unscored
     table.rename(moved)
-    assert search.main(['--redecode', save]) == arch and 'is not there: the cell goes unscored' in capsys.readouterr().out
+    assert search.main(['--redecode', save]) == arch
+    assert 'is not there: the cell goes unscored' in capsys.readouterr().out
     assert search.main(['--resume', save]) == arch
     assert "the run's table, is not there" in capsys.readouterr().out
     with pytest.raises(train.RunError, match='cannot read --nb201-table'):   # a path typed now must be there
