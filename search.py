@@ -211,13 +211,12 @@ def check_args(args):
         raise RunError('--topology does not apply to NAS-Bench-201: its nodes sum every incoming edge (METHOD.md §5)')
     if args.topology is None:
         args.topology = args.method == 'midas' and space['kind'] == 'darts'
-    cfg = ArchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ArchConfig)})  # one flag each
     if args.arch_warmup is None:
         args.arch_warmup = 5 if args.mean_shift else 0
     size = DATASETS[args.dataset]['size']
     if args.patch > size:
         raise RunError(f'--patch {args.patch} is larger than the {size}x{size} images; use 0 for global pooling')
-    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells', 'report_freq'):
+    for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells', 'report_freq', 'attn_dim'):
         if getattr(args, name) < 1:
             raise RunError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ('lr', 'arch_lr'):
@@ -248,7 +247,7 @@ def check_args(args):
         raise RunError('--tau must be positive and finite')
     if not 0 <= args.seed < 2 ** 32:
         raise RunError('--seed must be in [0, 2**32)')
-    return cfg
+    return ArchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ArchConfig)})   # one flag each
 
 
 # ---------------------------------------------------------------------------------------------

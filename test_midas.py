@@ -1408,6 +1408,8 @@ def _one_line_error(r, *words):
     (['--device', 'meta'], ["device 'meta' is not supported"]),
     (['--lr-min', '0.5'], ['--lr-min 0.5 is above --lr 0.025']),
     (['--tau', 'inf'], ['--tau must be positive and finite']),
+    (['--tau', '0'], ['--tau must be positive and finite']),   # the flag named, not ArchConfig's field
+    (['--attn-dim', '0'], ['--attn-dim must be at least 1']),
     (['--space', 'nb201', '--topology'], ['--topology does not apply to NAS-Bench-201']),   # it would be ignored
     (['--seed', '-1'], ['--seed must be in [0, 2**32)']),
     (['--nb201-table', ''], ['--nb201-table: an empty path']),
