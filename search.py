@@ -542,16 +542,18 @@ def at_least_float32(logits):
 
 
 @torch.no_grad()
-def removal_costs(model, batches):
+def removal_costs(model, batches, rank=0, world=1):
     """Perturbation-based selection (DARTS-PT: Wang et al., ICLR 2021), one shot, without fine-tuning: how much the
     supernet's mean loss on `batches` rises when a live candidate is taken out of its edge (its score -inf, so its
     edge's softmax renormalises over the rest) in every cell of its type, and, at a DARTS-style node of more than
     two inputs, when a whole edge is. -> {cell type: {'weights': [[cost per candidate, None for 'none'] per edge],
     'pairs': [[cost of the two edges per pair of node_pairs] per node] or None}, 'base_loss': loss with nothing
     removed, 'removals': how many were measured, 'images': on how many}: average_weights' layout, so that §8's
-    rules pick the candidates, and pairs, that cost most to remove."""
+    rules pick the candidates, and pairs, that cost most to remove. Under torchrun each rank measures its part of
+    every batch, and the losses are summed over the ranks: the same costs, in 1/world of the time."""
     batches = list(batches)
     images = sum(len(y) for _, y in batches)
+    batches = [(x.tensor_split(world)[rank], y.tensor_split(world)[rank]) for x, y in batches]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -559,8 +561,9 @@ def removal_costs(model, batches):
 
     def loss():   # S4's 'noise' draws in eval mode too: the same draws for every removal, or noise is the cost
         with fenced_random(device, 0):
-            total = sum(F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches)
-        return total.item() / images
+            total = sum((F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches if len(y)),
+                        torch.zeros((), device=device))
+        return reduce_sum(total, world).item() / images
 
     types = cell_types(model.kind)
     model.removed = {t: (torch.zeros(len(space[t]), len(space[t][0]), dtype=torch.bool, device=device),
@@ -964,9 +967,10 @@ def main(argv=None):
         log(f'by the weights (§8): {genotype}' + (f" NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test "
                                                   f"{score['test']:.2f}" if score else ''))
         select_start = time.perf_counter()
-        costs = removal_costs(model, first_images(select_q, args.select_samples))
-        log(f"perturbation selection: {costs['removals']} removals measured on {costs['images']} search-val images "
-            f'in {time.perf_counter() - select_start:.0f} s')
+        costs = removal_costs(model, first_images(select_q, args.select_samples), rank, world)
+        shared = f" (their part of each batch on each of {world} processes)" if world > 1 else ''
+        log(f"perturbation selection: {costs['removals']} removals measured on {costs['images']} search-val images"
+            f"{shared} in {time.perf_counter() - select_start:.0f} s")
         by_weights = {'genotype': genotype_to_json(genotype, args.space), 'margins': record['margins'], 'nb201': score}
         genotype, margins = decode_costs(costs, args)
         score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None

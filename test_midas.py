@@ -1167,10 +1167,12 @@ def test_architecture_steps_read_search_val_and_weight_steps_search_train(cifar,
 def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path, space):
     """Under torchrun the architecture and weight gradients and the BN statistics are averaged over the
     ranks: both end with the same supernet and decode the same genotype (S4's: its 'noise' draws per rank in
-    training, and one fixed draw in every decode)."""
+    training, and one fixed draw in every decode). --select perturb's removal costs are shared out over the ranks
+    and summed: the costs one process measures on the same supernet."""
     save = str(tmp_path / 'ddp')
+    perturb = ['--select', 'perturb'] if space == 'nb201' else []
     r = run_script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'search.py',
-                   '--data', cifar, '--save', save, '--space', space, '--epochs', '2', *TINY[2:],
+                   '--data', cifar, '--save', save, '--space', space, '--epochs', '2', *TINY[2:], *perturb,
                    env={'MIDAS_RANK_STATES': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt')) for k in (0, 1))
@@ -1189,6 +1191,18 @@ def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path, space):
     # resumes each rank's own generator
     ckpt = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
+    assert 'search-val images (their part of each batch on each of 2 processes)' in open(
+        os.path.join(save, 'log.txt')).read()
+    with open(os.path.join(save, 'weights.json')) as f:
+        shared = json.load(f)['removal_costs']
+    r = run_script('search.py', '--resume', save, '--select', 'perturb')   # one process: every image itself
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(save, 'weights.json')) as f:
+        alone = json.load(f)['removal_costs']
+    assert shared['images'] == alone['images'] == 16 and shared['removals'] == alone['removals'] == 24
+    assert shared['base_loss'] == pytest.approx(alone['base_loss'], rel=1e-5)
+    assert np.allclose([c for row in shared['normal']['weights'] for c in row if c is not None],
+                       [c for row in alone['normal']['weights'] for c in row if c is not None], rtol=1e-4, atol=1e-6)
 
 def test_a_resume_on_another_number_of_processes_says_so(cifar, tmp_path):
     """Each rank's BN normalises its own slice of the global batch, so a run resumed on another number of
