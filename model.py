@@ -522,6 +522,16 @@ def decorrelated(scores, mean_keys, qk, keys=True):
 _PAIR_TABLES = {}
 
 
+def clip_weights(w):
+    """MS-DARTS's clip of a sampled point (SDARTS's Network.clip): each edge's weights (dim 1, 'none' too) clamped
+    to [0, 1] and divided by their sum; an edge clamped to all zeros puts 1 on its largest weight."""
+    c = w.clamp(0, 1)
+    total = c.sum(1, keepdim=True)
+    empty = total == 0
+    c = torch.where(empty, F.one_hot(w.argmax(1), w.shape[1]).movedim(-1, 1).to(c.dtype), c)
+    return c / torch.where(empty, torch.ones_like(total), total)
+
+
 def _pair_tables(n_edges, device, dtype):
     """For node_pairs(n_edges): the index of each pair's first and second edge, and the E x P membership
     matrix, made once per device and dtype (rebuilding them every node costs dozens of tiny kernels, and on
@@ -587,8 +597,9 @@ class SearchCell(nn.Module):
         self.before_bn = cfg.token_before_bn and cfg.method == 'midas'
 
     def forward(self, inputs, alpha=None, recorder=None, offset=None, detach_mixing=False, aux_beta=None,
-                removed=None):
-        """offset: an E x J table added to the mixing weights (mean-shift sampling), or None. detach_mixing:
+                removed=None, clip=False):
+        """offset: an E x J table added to the mixing weights (mean-shift sampling), or None; clip: the weights
+        so moved are clipped to MS-DARTS's simplex (clip_weights), as it evaluates its sampled points. detach_mixing:
         the mixing weights are made without a graph, constants to the backward (as alpha is to DARTS's weights).
         aux_beta: the weight of the auxiliary skips (DARTS-), or None. removed: (E x J candidates, E edges), True
         where a candidate or a whole edge is taken out of the supernet (perturbation selection), or None."""
@@ -621,6 +632,8 @@ class SearchCell(nn.Module):
                 w, gamma, pi = edge_weights(scores, self.live, self.topology, cut)
             if offset is not None:
                 w = w + offset[e0:e0 + len(srcs)].view(*w.shape[:2], 1, 1, 1)
+                if clip:
+                    w = clip_weights(w)
             if recorder is not None:
                 recorder(self, n, w.transpose(1, 2).unbind(0), gamma, pi)
             # weight of candidate j on edge e: w[e, j], times gamma[e] with the topology (§4-5)
@@ -779,6 +792,7 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(C_p, num_classes)
         self.feature_channels, self.feature_stride = C_p, 4  # the last map is 1/4 of the input: two reductions
         self.mix_offset = None  # {cell type: E x J}, set only while mean-shift sampling runs
+        self.mix_clip = False   # True while it evaluates its points: the moved weights clipped (clip_weights)
         self.removed = None     # {cell type: (E x J, E) booleans}, set only while perturbation selection runs
         # DARTS- (Chu et al. 2021; search.py --aux-skip): every node also gets aux_beta times each of its stride-1
         # inputs, outside the searched mixture, so that a skip candidate is no longer the supernet's only gradient
@@ -816,7 +830,7 @@ class SearchNetwork(nn.Module):
                 offset = self.mix_offset[cell_type] if self.mix_offset is not None else None
                 removed = self.removed[cell_type] if self.removed is not None else None
                 s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset, detach_mixing,
-                                  self.aux_beta if self.aux_skip else None, removed)
+                                  self.aux_beta if self.aux_skip else None, removed, self.mix_clip)
             else:
                 s0, s1 = s1, cell(s1)
         fmap = self.lastact(s1)

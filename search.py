@@ -120,7 +120,9 @@ def get_args(argv=None):
     p.add_argument('--mean-shift', action='store_true', help='mean-shift sampling of the mixing weights (MS-DARTS)')
     p.add_argument('--ms-iters', type=int, default=2, help='mean-shift rounds T (default %(default)s)')
     p.add_argument('--ms-samples', type=int, default=3, help='points per round N (default %(default)s)')
-    p.add_argument('--ms-eps', type=float, default=0.25, help='half-width of the sampling box (default %(default)s)')
+    p.add_argument('--ms-eps', type=float, default=0.25,
+                   help="half-width of the sampling box, reached as MS-DARTS's does: from a tenth of it at the first "
+                        "epoch, linearly (default %(default)s)")
     p.add_argument('--ms-bandwidth', type=float, default=1.0, help='Gaussian kernel bandwidth h (default %(default)s)')
     p.add_argument('--epochs', type=int, default=50, help='(default %(default)s)')
     p.add_argument('--batch-size', type=int, default=64, help='(default %(default)s)')
@@ -420,12 +422,23 @@ def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=Non
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None):
+def ms_eps_at(args, epoch):
+    """MS-DARTS's sampling half-width at an epoch: --ms-eps / 10 at the first, growing linearly towards --ms-eps
+    (its train_search_ms.py)."""
+    return args.ms_eps / 10 + 0.9 * args.ms_eps * epoch / args.epochs
+
+
+def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None, eps=None):
     """MS-DARTS's mean-shift sampling (METHOD.md §11), as offsets to the mixing weights the cells use
     (softmax(alpha) for darts; the attention weights for midas, the offset broadcast over samples and
-    patches). T rounds: N points drawn within +-eps of the current point, each weighted by the softmax
-    of its training loss times a Gaussian kernel of its squared distance; move to the weighted mean.
-    generator: where the points are drawn from, the same on every rank (all ranks must move to one point)."""
+    patches). T rounds: N points drawn within +-eps (default --ms-eps) of the current point, each evaluated in
+    eval mode (no BN statistics move) with its weights clipped to the simplex (model.clip_weights), and weighted,
+    cell type by cell type, by the softmax of the training losses times a Gaussian kernel of its squared distance
+    from the centre; move to the weighted mean, unclipped, where the weight step then runs: as MS-DARTS's
+    perturb_ms.py. One deviation: the distance is the offset's own, where MS-DARTS measures it to the clipped point
+    (a MIDAS point is clipped per image and patch). generator: where the points are drawn from, the same on every
+    rank (all ranks must move to one point)."""
+    eps = args.ms_eps if eps is None else eps
     types = cell_types(model.kind)
     centre = {t: torch.zeros(len(model.space[t]), len(model.space[t][0]), device=x.device) for t in types}
     # Every point's draw at once, in the order of drawing them one by one, and one copy to the device: a plain copy
@@ -435,22 +448,30 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None):
     if x.device.type == 'cuda':
         draws = draws.pin_memory()
     draws = draws.to(x.device, non_blocking=True)
-    with torch.no_grad():
-        for it in range(args.ms_iters):
-            points = [{t: centre[t] + args.ms_eps * d.view_as(centre[t])
-                       for t, d in zip(types, draws[it, k].split(sizes))} for k in range(args.ms_samples)]
-            losses = []
-            for point in points:
-                model.mix_offset = point
-                with autocast():
-                    losses.append(F.cross_entropy(model(x), y).float())
-            losses = torch.stack(losses)
-            all_reduce_mean([losses], world)  # every rank moves to the same point: the losses of the global batch
-            dist2 = torch.stack([sum(((p[t] - centre[t]) ** 2).sum() for t in types) for p in points])
-            weight = losses.softmax(0) * torch.exp(-dist2 / (2 * args.ms_bandwidth ** 2))
-            weight = weight / weight.sum()
-            centre = {t: sum(w * p[t] for w, p in zip(weight, points)) for t in types}
-    model.mix_offset = None
+    was_training = model.training
+    model.eval()
+    model.mix_clip = True
+    try:
+        with torch.no_grad():
+            for it in range(args.ms_iters):
+                points = [{t: centre[t] + eps * d.view_as(centre[t])
+                           for t, d in zip(types, draws[it, k].split(sizes))} for k in range(args.ms_samples)]
+                losses = []
+                for point in points:
+                    model.mix_offset = point
+                    with autocast():
+                        losses.append(F.cross_entropy(model(x), y).float())
+                losses = torch.stack(losses)
+                all_reduce_mean([losses], world)  # every rank moves to the same point: the global batch's losses
+                new = {}
+                for t in types:   # a kernel, so a weighted mean, of its own per cell type
+                    dist2 = torch.stack([((p[t] - centre[t]) ** 2).sum() for p in points])
+                    weight = losses.softmax(0) * torch.exp(-dist2 / (2 * args.ms_bandwidth ** 2))
+                    new[t] = sum(w * p[t] for w, p in zip(weight / weight.sum(), points))
+                centre = new
+    finally:
+        model.mix_offset, model.mix_clip = None, False
+        model.train(was_training)
     return centre
 
 
@@ -906,7 +927,8 @@ def main(argv=None):
             else:
                 v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast, weights)
             if args.mean_shift:
-                model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast, world, ms_gen)
+                model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast, world, ms_gen,
+                                                      ms_eps_at(args, epoch))
             t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim,
                                        arch_params, args.detach_mixing)
             model.mix_offset = None

@@ -2468,10 +2468,11 @@ def test_mean_shift_moves_only_the_mixing_weights(method):
     w_before = [p.detach().clone() for p in weights]
     state = {k: v.clone() for k, v in model.state_dict().items()}
     offsets = mean_shift_offsets(model, x, y, _ms_args(), _no_autocast)
-    assert model.mix_offset is None
+    assert model.mix_offset is None and not model.mix_clip and model.training
     assert set(offsets) == {'normal', 'reduce'} and offsets['normal'].shape == (14, 8)
     assert 0 < offsets['normal'].abs().max() <= 2 * 0.25  # T = 2 rounds within +-eps
-    model.load_state_dict(state)  # the sampling's forward passes moved BN statistics only
+    after = model.state_dict()   # its points are evaluated in eval mode, as MS-DARTS's: no BN statistics moved
+    assert all(torch.equal(state[k], after[k]) for k in state)
     model.mix_offset = offsets
     weight_step(model, weights, opt, x, y, 5.0, 1, _no_autocast)
     model.mix_offset = None
@@ -2496,31 +2497,63 @@ def test_zero_offset_changes_nothing():
 
 
 def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel():
-    """MS-DARTS's rounds (METHOD.md §11) on a stand-in supernet whose loss, softplus of the offsets' sum, is known:
-    each round draws N points within +-eps of the centre and moves to their mean weighted by softmax(losses) times
-    exp(-|p - c|^2 / 2h^2): towards the points of higher loss, which the weight step then trains for."""
+    """MS-DARTS's rounds (METHOD.md §11) on a stand-in supernet whose loss, softplus of the offsets' weighted sum, is
+    known: each round draws N points within +-eps of the centre and moves each cell type's part to its mean weighted
+    by softmax(losses) times that type's exp(-|p - c|^2 / 2h^2), as perturb_ms.py does: towards the points of higher
+    loss, which the weight step then trains for."""
     from search import mean_shift_offsets
 
     class Stand(torch.nn.Module):
-        kind, space, mix_offset = 'nb201', G.get_space('nb201'), None
+        kind, space, mix_offset = 'darts', G.get_space('darts'), None
 
         def forward(self, x):
-            s = self.mix_offset['normal'].sum()
+            s = self.mix_offset['normal'].sum() + 0.5 * self.mix_offset['reduce'].sum()
             return torch.stack([torch.zeros(()), s]).expand(len(x), 2)   # label 0: loss softplus(s)
 
     x, y = torch.zeros(3, 1), torch.zeros(3, dtype=torch.long)
     args = _ms_args(ms_bandwidth=0.5)
-    got = mean_shift_offsets(Stand(), x, y, args, _no_autocast, generator=torch.Generator().manual_seed(0))['normal']
-    g, centre = torch.Generator().manual_seed(0), torch.zeros(6, 5)
+    got = mean_shift_offsets(Stand(), x, y, args, _no_autocast, generator=torch.Generator().manual_seed(0), eps=0.2)
+    g, centre = torch.Generator().manual_seed(0), {t: torch.zeros(14, 8) for t in ('normal', 'reduce')}
     for _ in range(args.ms_iters):
-        points = [centre + args.ms_eps * (2 * torch.rand(6, 5, generator=g) - 1) for _ in range(args.ms_samples)]
-        losses = torch.stack([F.softplus(p.sum()) for p in points])
-        kernel = torch.stack([torch.exp(-((p - centre) ** 2).sum() / (2 * args.ms_bandwidth ** 2)) for p in points])
-        weight = losses.softmax(0) * kernel
-        plain = sum(k * p for k, p in zip(kernel / kernel.sum(), points))   # the kernel alone, no loss
-        centre = sum(w * p for w, p in zip(weight / weight.sum(), points))
-        assert centre.sum() > plain.sum()   # pulled towards the higher losses
-    torch.testing.assert_close(got, centre)
+        points = [dict(zip(centre, (c + 0.2 * d.view(14, 8) for c, d in zip(
+            centre.values(), (2 * torch.rand(224, generator=g) - 1).split(112))))) for _ in range(args.ms_samples)]
+        losses = torch.stack([F.softplus(p['normal'].sum() + 0.5 * p['reduce'].sum()) for p in points])
+        new = {}
+        for t in centre:
+            kernel = torch.stack([torch.exp(-((p[t] - centre[t]) ** 2).sum() / (2 * args.ms_bandwidth ** 2))
+                                  for p in points])
+            weight = losses.softmax(0) * kernel
+            plain = sum(k * p[t] for k, p in zip(kernel / kernel.sum(), points))   # the kernel alone, no loss
+            new[t] = sum(w * p[t] for w, p in zip(weight / weight.sum(), points))
+            assert new[t].sum() > plain.sum()   # pulled towards the higher losses
+        centre = new
+    for t in centre:
+        torch.testing.assert_close(got[t], centre[t])
+
+
+def test_mean_shift_evaluates_clipped_points_and_widens_its_box_over_the_search():
+    """MS-DARTS clips each sampled point to the simplex before its loss is taken (SDARTS's clip: clamp each edge's
+    weights to [0, 1], divide by their sum; an edge clamped to zeros keeps its largest weight), and its box grows from
+    eps / 10 at the first epoch towards eps."""
+    from model import clip_weights
+    from search import ms_eps_at
+    w = torch.tensor([[0.5, -0.2, 0.9], [-0.1, -0.3, -0.2]]).view(2, 3, 1, 1, 1)
+    torch.testing.assert_close(clip_weights(w).flatten(1), torch.tensor([[0.5 / 1.4, 0, 0.9 / 1.4], [1.0, 0, 0]]))
+    args = _ms_args(epochs=50)
+    assert (ms_eps_at(args, 0), ms_eps_at(args, 25)) == pytest.approx((0.025, 0.025 + 0.225 / 2))
+    model, _, _, x, _ = _step_setup('darts', 'darts')   # a static table: the clipped point is one table per type
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    offsets = {t: 0.3 * (2 * torch.rand(14, 8, generator=g) - 1) for t in ('normal', 'reduce')}
+    with torch.no_grad():
+        model.mix_offset, model.mix_clip = offsets, True
+        clipped = model(x)
+        table = {t: model.alphas[t].softmax(-1) for t in offsets}
+        model.mix_offset, model.mix_clip = {t: clip_weights((table[t] + o)[..., None, None, None]).squeeze()
+                                            - table[t] for t, o in offsets.items()}, False
+        torch.testing.assert_close(clipped, model(x))
+        model.mix_offset = offsets   # unclipped: another point
+        assert not torch.allclose(clipped, model(x))
 
 
 @pytest.mark.parametrize('method', ['midas', 'darts'])
