@@ -525,7 +525,7 @@ def seed_groups(analyses):
         ignored = {'seed', *(MIDAS_ONLY if s.get('method') != 'midas' else ())}   # as nb201's rows
         setting = {k: v if UNUSED_UNLESS.get(k, lambda s: True)(s) else NOT_USED for k, v in s.items()
                    if k not in ignored}
-        key = json.dumps([setting, a.get('split'), a.get('samples'), a.get('epoch')], sort_keys=True)
+        key = json.dumps([setting, a.get('split'), a.get('samples'), unfinished(a)], sort_keys=True)
         groups.setdefault(key, []).append(a)
     return [g for g in groups.values()
             if len(g) > 1 and len({a['settings'].get('seed') for a in g} - {None}) == len(g)]

@@ -209,7 +209,7 @@ def resumed_flags(args, parser, argv):
 
 def check_args(args):
     space = get_space(args.space)
-    if args.topology and space['kind'] == 'nb201':
+    if args.topology and space['kind'] == 'nb201' and not args.resume:   # older runs recorded it, ignored
         raise RunError('--topology does not apply to NAS-Bench-201: its nodes sum every incoming edge (METHOD.md §5)')
     if args.topology is None:
         args.topology = args.method == 'midas' and space['kind'] == 'darts'
@@ -562,6 +562,10 @@ def at_least_float32(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+def has_noise(model):
+    return any('noise' in ops for t in cell_types(model.kind) for ops in model.space[t])
+
+
 @torch.no_grad()
 def removal_costs(model, batches, rank=0, world=1):
     """Perturbation-based selection (DARTS-PT: Wang et al., ICLR 2021), one shot, without fine-tuning: how much the
@@ -570,11 +574,14 @@ def removal_costs(model, batches, rank=0, world=1):
     two inputs, when a whole edge is. -> {cell type: {'weights': [[cost per candidate, None for 'none'] per edge],
     'pairs': [[cost of the two edges per pair of node_pairs] per node] or None}, 'base_loss': loss with nothing
     removed, 'removals': how many were measured, 'images': on how many}: average_weights' layout, so that §8's
-    rules pick the candidates, and pairs, that cost most to remove. Under torchrun each rank measures its part of
-    every batch, and the losses are summed over the ranks: the same costs, in 1/world of the time."""
+    rules pick the candidates, and pairs, that cost most to remove. Under torchrun the ranks share out the batches,
+    whole (--token-bn and --decorrelate normalise by a batch's moments), and sum their losses: the same costs, in
+    1/world of the time; RDARTS S4's 'noise' draws one stream through all the batches, so there every rank measures
+    every batch."""
     batches = list(batches)
     images = sum(len(y) for _, y in batches)
-    batches = [(x.tensor_split(world)[rank], y.tensor_split(world)[rank]) for x, y in batches]
+    if world > 1 and not has_noise(model):
+        batches = batches[rank::world]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -582,9 +589,9 @@ def removal_costs(model, batches, rank=0, world=1):
 
     def loss():   # S4's 'noise' draws in eval mode too: the same draws for every removal, or noise is the cost
         with fenced_random(device, 0):
-            total = sum((F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches if len(y)),
+            total = sum((F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches),
                         torch.zeros((), device=device))
-        return reduce_sum(total, world).item() / images
+        return (reduce_sum(total, world) if world > 1 and not has_noise(model) else total).item() / images
 
     types = cell_types(model.kind)
     model.removed = {t: (torch.zeros(len(space[t]), len(space[t][0]), dtype=torch.bool, device=device),
@@ -990,7 +997,7 @@ def main(argv=None):
                                                   f"{score['test']:.2f}" if score else ''))
         select_start = time.perf_counter()
         costs = removal_costs(model, first_images(select_q, args.select_samples), rank, world)
-        shared = f" (their part of each batch on each of {world} processes)" if world > 1 else ''
+        shared = f" (shared out over {world} processes)" if world > 1 and not has_noise(model) else ''
         log(f"perturbation selection: {costs['removals']} removals measured on {costs['images']} search-val images"
             f"{shared} in {time.perf_counter() - select_start:.0f} s")
         by_weights = {'genotype': genotype_to_json(genotype, args.space), 'margins': record['margins'], 'nb201': score}

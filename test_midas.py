@@ -830,6 +830,17 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
         analyze.nb201_results([save], str(other))
     assert search.main(['--redecode', save, '--nb201-table', str(table)]) == arch   # re-decoded: scored again
     assert others in capsys.readouterr().out
+    for name in ('args.json', 'checkpoint.pt'):   # older code took --topology in NB201, and ignored it: such a
+        path = os.path.join(save, name)          # run still resumes (a fresh one is refused the flag)
+        if name == 'args.json':
+            started = json.loads(open(path).read())
+            open(path, 'w').write(json.dumps({**started, 'topology': True}))
+        else:
+            state = torch.load(path, weights_only=False)
+            state['config']['topology'] = True
+            torch.save(state, path)
+    assert search.main(['--resume', save]) == arch
+    capsys.readouterr()
     moved = tmp_path / 'moved.csv'   # the run's own table gone (another machine): a resume goes on, unscored
     table.rename(moved)
     assert search.main(['--redecode', save]) == arch
@@ -899,6 +910,28 @@ def test_removing_an_edge_or_a_candidate_is_what_its_weights_at_zero_would_give(
         if not cell.reduction and n == 2:
             assert torch.all(w[2][:, j] == 0) and torch.allclose(w[2].sum(1), torch.ones_like(w[2][:, 0]))
             assert torch.all(w[1][:, j] > 0)   # another edge of the same node keeps it
+
+
+@pytest.mark.parametrize('space, cfg', [('nb201', dict(token_bn=True)), ('nb201', dict(decorrelate=True)),
+                                        ('s4', {})])
+def test_removal_costs_shared_out_over_ranks_sum_to_one_processes(space, cfg, monkeypatch):
+    """Under torchrun each rank measures whole batches and the losses are summed (here by hand: reduce_sum made the
+    identity, each rank's loss its own part): --token-bn and --decorrelate normalise by a batch's moments, so a rank
+    with part of a batch would measure other losses. S4's 'noise' draws one stream through the batches: every rank
+    measures them all."""
+    torch.manual_seed(0)
+    net = SearchNetwork(space, 4, 10, 3, 1, ArchConfig(**cfg))
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
+    alone = search.removal_costs(net, batches)
+    monkeypatch.setattr(search, 'reduce_sum', lambda t, world: t)
+    ranks = [search.removal_costs(net, batches, rank, 2) for rank in (0, 1)]
+    flat = lambda c: [v for t in G.cell_types(net.kind) for row in c[t]['weights'] for v in row if v is not None]  # noqa
+    if space == 's4':
+        assert ranks[0] == ranks[1] == alone
+        return
+    assert sum(r['base_loss'] for r in ranks) == pytest.approx(alone['base_loss'], rel=1e-6)
+    assert np.allclose(np.add(flat(ranks[0]), flat(ranks[1])), flat(alone), rtol=0, atol=2e-6)   # float32 losses
 
 
 @pytest.mark.parametrize('space', ['nb201', 's3'])   # s3: a DARTS-style cell (edge removals too) with few candidates
@@ -1191,7 +1224,7 @@ def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path, space):
     # resumes each rank's own generator
     ckpt = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert len(ckpt['rng']) == 2 and not torch.equal(ckpt['rng'][0]['cpu'], ckpt['rng'][1]['cpu'])
-    assert 'search-val images (their part of each batch on each of 2 processes)' in open(
+    assert 'search-val images (shared out over 2 processes)' in open(
         os.path.join(save, 'log.txt')).read()
     with open(os.path.join(save, 'weights.json')) as f:
         shared = json.load(f)['removal_costs']
@@ -1258,8 +1291,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, flags):
     # killed in its first epoch (its args.json written, no checkpoint yet): --resume runs it again from the start
     early = tmp_path / 'early'
     early.mkdir()   # killed before its args.json: nothing to resume, and the way to start it again
+    (early / '.tmp-notes').touch()   # not a run's folder: its files are left alone
     _one_line_error(run_script('search.py', '--resume', str(early)), 'no readable args.json',
                     f'give its command again with --save {early}')
+    (early / '.tmp-notes').unlink()
     shutil.copy(os.path.join(full, 'args.json'), early / 'args.json')
     _one_line_error(run_script('search.py', '--resume', str(early), '--save', full), 'continues in its own folder')
     # it starts again as the run it was: another flag is refused, and its args.json is left as it was
@@ -1882,6 +1917,8 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     text = analyze.compare_markdown([at(seeded('s0', 0, 4, 0.5), 3, 'nb201'), at(seeded('s1', 1, 4, 0.7), 1, 'nb201'),
                                      at(seeded('s2', 2, 4, 0.7), 3, 'darts')])
     assert 'mean ± std' not in text and '| s1 (unfinished: epoch 1 of 3) | nb201 | midas | 4 |' in text
+    older = {k: v for k, v in at(seeded('s3', 3, 4, 0.5), 3, 'nb201').items() if k != 'epoch'}   # a report of before
+    assert 'mean ± std of s0, s3 |' in analyze.compare_markdown([at(seeded('s0', 0, 4, 0.5), 3, 'nb201'), older])
     assert '| s2 | darts | midas | 4 |' in text
     assert analyze.budget_name({'epochs': 1, 'init_channels': 4, 'cells': 1, 'subset': 512}).endswith(', 512 img')
     # a run older than --edge-norm (neither its args.json nor its checkpoint name it) is rebuilt as it ran
@@ -2170,7 +2207,7 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     # killed in its first epoch (args.json and genotype.json written, no checkpoint yet): --resume trains it again
     early = tmp_path / 'early'
     early.mkdir()   # killed before its args.json: nothing to resume, and the way to start it again
-    _one_line_error(run_script('search.py', '--resume', str(early)), 'no readable args.json',
+    _one_line_error(_train_cli(capsys, '--resume', str(early)), 'no readable args.json',
                     f'give its command again with --save {early}')
     for name in ('args.json', 'genotype.json'):
         shutil.copy(os.path.join(full, name), early / name)

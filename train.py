@@ -211,7 +211,8 @@ def resume_folder(args):
     """--resume RUN continues in RUN: -> RUN. A --save elsewhere is refused rather than ignored."""
     if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
         raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
-    if int(os.environ.get('RANK', 0)) == 0 and os.path.isdir(args.resume):   # rank 0 alone writes there
+    if int(os.environ.get('RANK', 0)) == 0 and any(   # rank 0 alone writes there; and only into a run's folder
+            os.path.isfile(os.path.join(args.resume, f)) for f in ('args.json', 'checkpoint.pt')):
         for name in os.listdir(args.resume):   # atomic_write's temp files of a run that SIGKILL or SIGTERM (a
             if name.startswith('.tmp-'):         # preemption) stopped before its cleanup could run
                 with contextlib.suppress(OSError):
