@@ -926,7 +926,10 @@ def test_removal_costs_shared_out_over_ranks_sum_to_one_processes(space, cfg, mo
     alone = search.removal_costs(net, batches)
     monkeypatch.setattr(search, 'reduce_sum', lambda t, world: t)
     ranks = [search.removal_costs(net, batches, rank, 2) for rank in (0, 1)]
-    flat = lambda c: [v for t in G.cell_types(net.kind) for row in c[t]['weights'] for v in row if v is not None]  # noqa
+
+    def flat(c):
+        return [v for t in G.cell_types(net.kind) for row in c[t]['weights'] for v in row if v is not None]
+
     if space == 's4':
         assert ranks[0] == ranks[1] == alone
         return
