@@ -627,13 +627,14 @@ UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
                  **{k: lambda s: s.get('method') == 'midas' for k in ('decode_samples', 'epoch_decode_samples')},
                  'decode_none': lambda s: s.get('select') == 'weights',
                  **{k: lambda s: s.get('mim') for k in ('mim_ratio', 'mim_patch')},
-                 **{k: lambda s: s.get('mean_shift') for k in ('ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth')}}
+                 **{k: lambda s: s.get('mean_shift') for k in ('ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
+                                                               'ms_reference')}}
 # runs older than a flag ran without it, whatever today's default: they group with 'off' here, and search.py
 # --resume rebuilds them so (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
                'token_before_bn': False, 'score_bias': False, 'share_attention': False, 'detach_mixing': False,
                'edge_norm': False, 'aux_skip': False, 'token_bn': False, 'decorrelate': False,
-               'decorrelate_free': False, 'nesterov': False}
+               'decorrelate_free': False, 'nesterov': False, 'ms_reference': False}
 
 
 @functools.cache   # search.py's flags do not change while this runs

@@ -38,8 +38,9 @@ CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token
                'decorrelate_free', 'dataset', 'init_channels', 'layers', 'cells', 'subset', 'train_portion', 'seed',
                'batch_size', 'epochs', 'unrolled', 'lr', 'lr_min',
                'arch_lr', 'arch_warmup', 'mim', 'mim_ratio', 'mim_patch', 'mean_shift', 'ms_iters', 'ms_samples',
-               'ms_eps', 'ms_bandwidth', 'detach_mixing', 'aux_skip', 'momentum', 'nesterov', 'weight_decay',
-               'grad_clip', 'arch_weight_decay', 'epoch_decode_samples', 'decode_samples', 'decode_none']
+               'ms_eps', 'ms_bandwidth', 'ms_reference', 'detach_mixing', 'aux_skip', 'momentum', 'nesterov',
+               'weight_decay', 'grad_clip', 'arch_weight_decay', 'epoch_decode_samples', 'decode_samples',
+               'decode_none']
 # flags newer than some runs, with the value those were run with, as analyze.py groups them (a checkpoint older
 # than a key that its run's args.json holds is checked against args.json)
 ADDED_KEYS = SETTING_OFF
@@ -124,6 +125,10 @@ def get_args(argv=None):
                    help="half-width of the sampling box, reached as MS-DARTS's does: from a tenth of it at the first "
                         "epoch, linearly (default %(default)s)")
     p.add_argument('--ms-bandwidth', type=float, default=1.0, help='Gaussian kernel bandwidth h (default %(default)s)')
+    p.add_argument('--ms-reference', action=argparse.BooleanOptionalAction, default=True,
+                   help="mean-shift as MS-DARTS's code does it (default): points in eval mode, clipped, a kernel per "
+                        "cell type, a growing box; --no-ms-reference: this code's variant until 2026-12-07 (train "
+                        "mode, unclipped, one kernel, a fixed box), which runs started before then resume with")
     p.add_argument('--epochs', type=int, default=50, help='(default %(default)s)')
     p.add_argument('--batch-size', type=int, default=64, help='(default %(default)s)')
     p.add_argument('--init-channels', type=int, default=16,
@@ -437,8 +442,10 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None, eps
     from the centre; move to the weighted mean, unclipped, where the weight step then runs: as MS-DARTS's
     perturb_ms.py. One deviation: the distance is the offset's own, where MS-DARTS measures it to the clipped point
     (a MIDAS point is clipped per image and patch). generator: where the points are drawn from, the same on every
-    rank (all ranks must move to one point)."""
+    rank (all ranks must move to one point). With args.ms_reference False, the variant of this code until 2026-12-07:
+    points in train mode, unclipped, and one kernel over both cell types' distances."""
     eps = args.ms_eps if eps is None else eps
+    reference = getattr(args, 'ms_reference', True)
     types = cell_types(model.kind)
     centre = {t: torch.zeros(len(model.space[t]), len(model.space[t][0]), device=x.device) for t in types}
     # Every point's draw at once, in the order of drawing them one by one, and one copy to the device: a plain copy
@@ -449,8 +456,8 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None, eps
         draws = draws.pin_memory()
     draws = draws.to(x.device, non_blocking=True)
     was_training = model.training
-    model.eval()
-    model.mix_clip = True
+    model.train(was_training and not reference)
+    model.mix_clip = reference
     try:
         with torch.no_grad():
             for it in range(args.ms_iters):
@@ -464,10 +471,11 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None, eps
                 losses = torch.stack(losses)
                 all_reduce_mean([losses], world)  # every rank moves to the same point: the global batch's losses
                 new = {}
-                for t in types:   # a kernel, so a weighted mean, of its own per cell type
-                    dist2 = torch.stack([((p[t] - centre[t]) ** 2).sum() for p in points])
+                for kernel_types in ([[t] for t in types] if reference else [types]):   # a kernel per cell type
+                    dist2 = torch.stack([sum(((p[t] - centre[t]) ** 2).sum() for t in kernel_types) for p in points])
                     weight = losses.softmax(0) * torch.exp(-dist2 / (2 * args.ms_bandwidth ** 2))
-                    new[t] = sum(w * p[t] for w, p in zip(weight / weight.sum(), points))
+                    for t in kernel_types:
+                        new[t] = sum(w * p[t] for w, p in zip(weight / weight.sum(), points))
                 centre = new
     finally:
         model.mix_offset, model.mix_clip = None, False
@@ -935,7 +943,7 @@ def main(argv=None):
                 v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast, weights)
             if args.mean_shift:
                 model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast, world, ms_gen,
-                                                      ms_eps_at(args, epoch))
+                                                      ms_eps_at(args, epoch) if args.ms_reference else args.ms_eps)
             t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim,
                                        arch_params, args.detach_mixing)
             model.mix_offset = None

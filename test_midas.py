@@ -2536,7 +2536,8 @@ def test_zero_offset_changes_nothing():
         torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
 
 
-def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel():
+@pytest.mark.parametrize('reference', [True, False])   # --no-ms-reference: one kernel over both cell types
+def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel(reference):
     """MS-DARTS's rounds (METHOD.md §11) on a stand-in supernet whose loss, softplus of the offsets' weighted sum, is
     known: each round draws N points within +-eps of the centre and moves each cell type's part to its mean weighted
     by softmax(losses) times that type's exp(-|p - c|^2 / 2h^2), as perturb_ms.py does: towards the points of higher
@@ -2551,7 +2552,7 @@ def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel():
             return torch.stack([torch.zeros(()), s]).expand(len(x), 2)   # label 0: loss softplus(s)
 
     x, y = torch.zeros(3, 1), torch.zeros(3, dtype=torch.long)
-    args = _ms_args(ms_bandwidth=0.5)
+    args = _ms_args(ms_bandwidth=0.5, ms_reference=reference)
     got = mean_shift_offsets(Stand(), x, y, args, _no_autocast, generator=torch.Generator().manual_seed(0), eps=0.2)
     g, centre = torch.Generator().manual_seed(0), {t: torch.zeros(14, 8) for t in ('normal', 'reduce')}
     for _ in range(args.ms_iters):
@@ -2560,8 +2561,8 @@ def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel():
         losses = torch.stack([F.softplus(p['normal'].sum() + 0.5 * p['reduce'].sum()) for p in points])
         new = {}
         for t in centre:
-            kernel = torch.stack([torch.exp(-((p[t] - centre[t]) ** 2).sum() / (2 * args.ms_bandwidth ** 2))
-                                  for p in points])
+            kernel = torch.stack([torch.exp(-sum(((p[u] - centre[u]) ** 2).sum() for u in (
+                [t] if reference else centre)) / (2 * args.ms_bandwidth ** 2)) for p in points])
             weight = losses.softmax(0) * kernel
             plain = sum(k * p[t] for k, p in zip(kernel / kernel.sum(), points))   # the kernel alone, no loss
             new[t] = sum(w * p[t] for w, p in zip(weight / weight.sum(), points))
@@ -2569,6 +2570,21 @@ def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel():
         centre = new
     for t in centre:
         torch.testing.assert_close(got[t], centre[t])
+
+
+@pytest.mark.parametrize('reference', [True, False])
+def test_mean_shift_reference_or_earlier_variant_evaluates_its_points_so(reference, monkeypatch):
+    """--ms-reference (the default) takes each point's loss in eval mode at the clipped point; --no-ms-reference, the
+    variant this code ran until 2026-12-07 and runs started then resume with, in train mode (BN statistics move)
+    and unclipped."""
+    import model as M
+    from search import mean_shift_offsets
+    clips = _count_calls(monkeypatch, M, 'clip_weights')
+    model, _, _, x, y = _step_setup('darts', 'darts')
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mean_shift_offsets(model, x, y, _ms_args(ms_reference=reference), _no_autocast)
+    assert (clips['clip_weights'] > 0) == reference and model.training and not model.mix_clip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()) == reference
 
 
 def test_mean_shift_evaluates_clipped_points_and_widens_its_box_over_the_search():
@@ -2814,9 +2830,16 @@ def _count_calls(monkeypatch, module, *names):
     ('s3', 'midas', ['--unrolled']), ('nb201', 'darts', ['--unrolled', '--mim', '0.5']),   # second order, end to end
 ])
 def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, monkeypatch, space, method, flags):
+    real, eps = search.mean_shift_offsets, []
+
+    def recording(*a, **kw):   # the box MS-DARTS grows over the search: a tenth of --ms-eps in the first epoch
+        eps.append(a[7])
+        return real(*a, **kw)
+    monkeypatch.setattr(search, 'mean_shift_offsets', recording)
     calls = _count_calls(monkeypatch, search, 'mim_loss', 'mean_shift_offsets', 'unrolled_arch_step')
     save = str(tmp_path / 'run')
     g = search.main(['--data', cifar, '--save', save, '--space', space, '--method', method, *TINY, *flags])
+    assert eps == [pytest.approx(0.025)] * len(eps)
     G.validate_genotype(g, space)
     state = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert (state['mim_decoder'] is not None) == ('--mim' in flags)
@@ -2825,6 +2848,12 @@ def test_tiny_search_with_mim_and_mean_shift(cifar, tmp_path, monkeypatch, space
     mim = steps * ('--mim' in flags) * (4 if '--unrolled' in flags else 1)
     assert calls == {'mim_loss': mim, 'mean_shift_offsets': steps * ('--mean-shift' in flags),
                      'unrolled_arch_step': steps * ('--unrolled' in flags)}
+    if '--mean-shift' in flags:   # a run started before --ms-reference resumes as it ran: the earlier variant
+        started = json.loads(open(os.path.join(save, 'args.json')).read())
+        assert started['ms_reference'] is True
+        del started['ms_reference']
+        open(os.path.join(save, 'args.json'), 'w').write(json.dumps(started))
+        assert search.get_args(['--resume', save]).ms_reference is False
 
 
 def test_aux_skip_adds_every_stride_one_input_and_decays_to_zero(monkeypatch):
