@@ -221,6 +221,8 @@ def check_args(args):
     if args.arch_warmup is None:
         args.arch_warmup = 5 if args.mean_shift else 0
     size = DATASETS[args.dataset]['size']
+    if args.patch < 0:
+        raise RunError('--patch must be 0 (global pooling) or a patch side in pixels')
     if args.patch > size:
         raise RunError(f'--patch {args.patch} is larger than the {size}x{size} images; use 0 for global pooling')
     for name in ('epochs', 'batch_size', 'init_channels', 'layers', 'cells', 'report_freq', 'attn_dim'):

@@ -1462,6 +1462,7 @@ def _one_line_error(r, *words):
     (['--tau', 'inf'], ['--tau must be positive and finite']),
     (['--tau', '0'], ['--tau must be positive and finite']),   # the flag named, not ArchConfig's field
     (['--attn-dim', '0'], ['--attn-dim must be at least 1']),
+    (['--patch', '-1'], ['--patch must be 0 (global pooling) or a patch side']),
     (['--space', 'nb201', '--topology'], ['--topology does not apply to NAS-Bench-201']),   # it would be ignored
     (['--seed', '-1'], ['--seed must be in [0, 2**32)']),
     (['--nb201-table', ''], ['--nb201-table: an empty path']),
