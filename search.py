@@ -572,8 +572,10 @@ def at_least_float32(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def has_noise(model):
-    return any('noise' in ops for t in cell_types(model.kind) for ops in model.space[t])
+def shares_removals(model, world):
+    """Whether the ranks share out --select perturb's batches: not where RDARTS S4's 'noise' draws one stream
+    through them all."""
+    return world > 1 and not any('noise' in ops for t in cell_types(model.kind) for ops in model.space[t])
 
 
 @torch.no_grad()
@@ -590,7 +592,8 @@ def removal_costs(model, batches, rank=0, world=1):
     every batch."""
     batches = list(batches)
     images = sum(len(y) for _, y in batches)
-    if world > 1 and not has_noise(model):
+    shared = shares_removals(model, world)
+    if shared:
         batches = batches[rank::world]
     was_training = model.training
     model.eval()
@@ -601,7 +604,7 @@ def removal_costs(model, batches, rank=0, world=1):
         with fenced_random(device, 0):
             total = sum((F.cross_entropy(at_least_float32(model(x)), y, reduction='sum') for x, y in batches),
                         torch.zeros((), device=device))
-        return (reduce_sum(total, world) if world > 1 and not has_noise(model) else total).item() / images
+        return (reduce_sum(total, world) if shared else total).item() / images
 
     types = cell_types(model.kind)
     model.removed = {t: (torch.zeros(len(space[t]), len(space[t][0]), dtype=torch.bool, device=device),
@@ -1007,7 +1010,7 @@ def main(argv=None):
                                                   f"{score['test']:.2f}" if score else ''))
         select_start = time.perf_counter()
         costs = removal_costs(model, first_images(select_q, args.select_samples), rank, world)
-        shared = f" (shared out over {world} processes)" if world > 1 and not has_noise(model) else ''
+        shared = f" (shared out over {world} processes)" if shares_removals(model, world) else ''
         log(f"perturbation selection: {costs['removals']} removals measured on {costs['images']} search-val images"
             f"{shared} in {time.perf_counter() - select_start:.0f} s")
         by_weights = {'genotype': genotype_to_json(genotype, args.space), 'margins': record['margins'], 'nb201': score}
