@@ -431,7 +431,9 @@ def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=Non
 
 def ms_eps_at(args, epoch):
     """MS-DARTS's sampling half-width at an epoch: --ms-eps / 10 at the first, growing linearly towards --ms-eps
-    (its train_search_ms.py)."""
+    (its train_search_ms.py); --no-ms-reference's fixed --ms-eps."""
+    if not getattr(args, 'ms_reference', True):
+        return args.ms_eps
     return args.ms_eps / 10 + 0.9 * args.ms_eps * epoch / args.epochs
 
 
@@ -948,7 +950,7 @@ def main(argv=None):
                 v_loss, v_ok = arch_step(forward, arch_params, arch_opt, x_val, y_val, world, autocast, weights)
             if args.mean_shift:
                 model.mix_offset = mean_shift_offsets(model, x_tr, y_tr, args, autocast, world, ms_gen,
-                                                      ms_eps_at(args, epoch) if args.ms_reference else args.ms_eps)
+                                                      ms_eps_at(args, epoch))
             t_loss, t_ok = weight_step(forward, weights, w_opt, x_tr, y_tr, args.grad_clip, world, autocast, mim,
                                        arch_params, args.detach_mixing)
             model.mix_offset = None

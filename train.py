@@ -208,7 +208,8 @@ def refuse_other_config(saved, config, keys, source):
 
 
 def resume_folder(args):
-    """--resume RUN continues in RUN: -> RUN. A --save elsewhere is refused rather than ignored."""
+    """--resume RUN continues in RUN: -> RUN, cleared of the temp files a killed save left. A --save elsewhere is
+    refused rather than ignored."""
     if args.save is not None and os.path.abspath(args.save) != os.path.abspath(args.resume):
         raise RunError(f"--save {args.save}: a resumed run continues in its own folder, '{args.resume}'")
     if int(os.environ.get('RANK', 0)) == 0 and any(   # rank 0 alone writes there; and only into a run's folder
