@@ -765,7 +765,7 @@ def nb201_results(runs, table_path=None):
                 raise RunError(f"'{run}': its cell {final.get('arch')} has no {dataset} score in '{table_path}'")
             for entry in history:
                 arch = (entry.get('genotype') or {}).get('arch')
-                entry['nb201'] = search.nb201_score(nb201_table, arch, dataset) if isinstance(arch, str) else None
+                entry['nb201'] = search.nb201_score(nb201_table, arch, dataset)
         # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
         settings['select'] = final.get('select', 'weights')
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})

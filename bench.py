@@ -246,13 +246,14 @@ def bench_search(args, device, decode_images):
             dt = clock(benches[m].step)
             if r >= args.warmup:
                 times[m].append(dt)
-    # search.py's decode split: unshuffled, unaugmented batches of 256 (random uint8 images here)
+    # search.py's decode split: unshuffled, unaugmented batches of DECODE_BATCH (random uint8 images here)
+    import search
     from data import DATASETS, GPULoader
     meta = DATASETS[benches['midas'].sargs.dataset]
     g = torch.Generator().manual_seed(args.seed)
     loader = GPULoader(torch.randint(0, 256, (decode_images, 3, meta['size'], meta['size']), dtype=torch.uint8,
-                                     generator=g), torch.zeros(decode_images, dtype=torch.long), 256, meta['mean'],
-                       meta['std'], device=device, shuffle=False, drop_last=False, augment=False,
+                                     generator=g), torch.zeros(decode_images, dtype=torch.long), search.DECODE_BATCH,
+                       meta['mean'], meta['std'], device=device, shuffle=False, drop_last=False, augment=False,
                        channels_last=channels_last(device, args))
     decode = {}
     for m, bench in benches.items():

@@ -332,8 +332,8 @@ class GPULoader:
                             f"{tuple(x.shape)} and {tuple(y.shape)}")
         self.device = torch.device(device)
         self.n, self.batch_size, self.size = len(x), batch_size, tuple(x.shape[-2:])
-        self.mean, self.std, self._scale_shift = mean, std, _affine(mean, std, self.device)
-        self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
+        self._scale_shift = _affine(mean, std, self.device)
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.crop_pad = crop_pad if augment else 0
         self.flip, self.cutout = flip and augment, cutout if augment else 0
         self.channels_last, self.dtype = channels_last, dtype

@@ -316,10 +316,11 @@ def _check_shape(ops_per_edge, weights):
                          f'{[len(ops) for ops in ops_per_edge]}')
 
 
-def _best_op(ops, w):
-    """Argmax over non-'none' candidates, with the margin to the runner-up (METHOD.md §12 asks for it; None where
-    there is no runner-up: JSON has no infinity). An exact tie goes to the first candidate, as argmax."""
-    ranked = sorted((x, -j, op) for j, (op, x) in enumerate(zip(ops, w)) if op != 'none')
+def _best_op(ops, w, include_none=False):
+    """Argmax over the candidates ('none' only with include_none), with the margin to the runner-up (METHOD.md §12
+    asks for it; None where there is no runner-up: JSON has no infinity). An exact tie goes to the first candidate,
+    as argmax. -> (op, its weight, margin)."""
+    ranked = sorted((x, -j, op) for j, (op, x) in enumerate(zip(ops, w)) if include_none or op != 'none')
     best = ranked[-1]
     margin = best[0] - ranked[-2][0] if len(ranked) > 1 else None
     return best[2], best[0], margin
@@ -369,7 +370,7 @@ def decode_nb201(weights, ops_per_edge=None, include_none=True):
     _check_shape(ops_per_edge, weights)
     chosen, margins = [], []
     for ops, w in zip(ops_per_edge, weights):
-        ranked = sorted((x, -j, op) for j, (x, op) in enumerate(zip(w, ops)) if include_none or op != 'none')
-        chosen.append(ranked[-1][2])   # an exact tie goes to the first candidate, as argmax
-        margins.append({'op': ranked[-1][2], 'op_margin': ranked[-1][0] - ranked[-2][0]})
+        op, _, margin = _best_op(ops, w, include_none)
+        chosen.append(op)
+        margins.append({'op': op, 'op_margin': margin})
     return nb201_str(chosen), margins

@@ -683,8 +683,6 @@ class SearchCell(nn.Module):
         made = patch_tokens([maps[k] for k in todo], gh, gw, self.cfg.token) if todo else None
         if standardise is not None and any(standardise[k] is not None for k in todo):
             made = standardised_tokens(made, [standardise[k] for k in todo], self.cfg.token)
-        if len(todo) == len(maps) and all(key is None for key in keys):
-            return made
         # unbind, not indexing: one backward op for all of them, where each index would zero-fill K tokens
         new = dict(zip(todo, made.unbind(0) if todo else ()))
         cache.update((keys[k], new[k]) for k in todo if keys[k] is not None)
@@ -829,8 +827,9 @@ class SearchNetwork(nn.Module):
                 alpha = self.alphas[cell_type] if self.alphas is not None else None
                 offset = self.mix_offset[cell_type] if self.mix_offset is not None else None
                 removed = self.removed[cell_type] if self.removed is not None else None
-                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha, recorder, offset, detach_mixing,
-                                  self.aux_beta if self.aux_skip else None, removed, self.mix_clip)
+                s0, s1 = s1, cell([s0, s1] if self.kind == 'darts' else [s1], alpha=alpha, recorder=recorder,
+                                  offset=offset, clip=self.mix_clip, detach_mixing=detach_mixing,
+                                  aux_beta=self.aux_beta if self.aux_skip else None, removed=removed)
             else:
                 s0, s1 = s1, cell(s1)
         fmap = self.lastact(s1)
@@ -898,18 +897,16 @@ class WeightAverager:
         self.sums = {}
 
     def __call__(self, cell, n, w, gamma, pi):
+        """w: per edge, B' x J x gh x gw (B' = 1 for a static table, which counts once per batch)."""
         key = (self.model.cell_type(cell), id(cell), n)
-        batch = max(t.shape[0] for t in w)
-        means = {'w': [x.detach().float().mean((0, 2, 3)) for x in w]}
+        batch = w[0].shape[0]
+        means = {'w': torch.stack([x.detach().float().mean((0, 2, 3)) for x in w])}   # E x J
         if gamma is not None:
             means['gamma'] = gamma.detach().float().mean((1, 2, 3))
             means['pi'] = pi.detach().float().mean((1, 2, 3))
         acc = self.sums.setdefault(key, {'count': 0})
         for k, v in means.items():
-            prev = acc.get(k)
-            scaled = [t * batch for t in v] if isinstance(v, list) else v * batch
-            acc[k] = scaled if prev is None else ([a + b for a, b in zip(prev, scaled)] if isinstance(v, list)
-                                                  else prev + scaled)
+            acc[k] = v * batch if k not in acc else acc[k] + v * batch
         acc['count'] += batch
 
     def result(self):
@@ -923,9 +920,8 @@ class WeightAverager:
             weights, gamma, pairs = [], [], []
             for n in sorted(nodes):
                 accs = nodes[n]
-                cell_mean = lambda k: [[x / a['count'] for x in a[k]] if isinstance(a[k], list)
-                                       else a[k] / a['count'] for a in accs]
-                ws = cell_mean('w')
+                cell_mean = lambda k: [a[k] / a['count'] for a in accs]   # per cell, over its samples and patches
+                ws = cell_mean('w')   # E x J per cell; then each edge's mean over the cells
                 weights += [torch.stack([c[e] for c in ws]).mean(0).tolist() for e in range(len(ws[0]))]
                 if 'gamma' in accs[0]:
                     gamma += torch.stack(cell_mean('gamma')).mean(0).tolist()

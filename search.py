@@ -23,14 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from analyze import MIDAS_ONLY, SETTING_OFF, write_diagrams
-from data import DATASETS, GPULoader, load_dataset, split_indices
+from data import DATASETS, GPULoader, split_indices
 from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, get_space, node_inputs, node_pairs
 from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
                    twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
                    fenced_random, load_checkpoint, no_run_to_resume, reduce_sum, refuse_other_config, restoring,
                    resume_folder, rng_states, run_cli, save_checkpoint, seed_everything, set_rng_states,
-                   setup_distributed, started_with, write_json)
+                   setup_distributed, started_with, training_images, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',
@@ -122,8 +122,8 @@ def get_args(argv=None):
     p.add_argument('--ms-iters', type=int, default=2, help='mean-shift rounds T (default %(default)s)')
     p.add_argument('--ms-samples', type=int, default=3, help='points per round N (default %(default)s)')
     p.add_argument('--ms-eps', type=float, default=0.25,
-                   help="half-width of the sampling box, reached as MS-DARTS's does: from a tenth of it at the first "
-                        "epoch, linearly (default %(default)s)")
+                   help="half-width of the sampling box, grown as MS-DARTS's is: a tenth of it at the first epoch, "
+                        "linearly towards it (default %(default)s)")
     p.add_argument('--ms-bandwidth', type=float, default=1.0, help='Gaussian kernel bandwidth h (default %(default)s)')
     p.add_argument('--ms-reference', action=argparse.BooleanOptionalAction, default=True,
                    help="mean-shift as MS-DARTS's code does it (default): points in eval mode, clipped, a kernel per "
@@ -285,9 +285,11 @@ def load_nb201_table(path, dataset='cifar10'):
 
 
 def nb201_score(table, arch, dataset):
-    row = table.get(arch) if table else None
-    prefix = NB201_COLUMNS.get(dataset, 'c10')
-    if row is None or f'{prefix}_valid' not in row or f'{prefix}_test' not in row:   # a cell the table lacks
+    """{'valid', 'test'} of the NB201 cell `arch` on dataset; None for a DARTS-style genotype, a dataset NAS-Bench-201
+    has no columns for, or a cell the table lacks."""
+    prefix = NB201_COLUMNS.get(dataset)
+    row = table.get(arch) if table and isinstance(arch, str) and prefix else None
+    if row is None or f'{prefix}_valid' not in row or f'{prefix}_test' not in row:
         return None
     return {'valid': row[f'{prefix}_valid'], 'test': row[f'{prefix}_test']}
 
@@ -295,8 +297,6 @@ def nb201_score(table, arch, dataset):
 def nb201_scores(table, arch):
     """{dataset: {'valid', 'test'}} for every NAS-Bench-201 dataset the table scores the cell on: the benchmark's
     protocol searches on one dataset (CIFAR-10) and reports the cell it found on all three."""
-    if not isinstance(arch, str):
-        return {}
     return {d: score for d in NB201_COLUMNS if (score := nb201_score(table, arch, d))}
 
 
@@ -432,7 +432,7 @@ def weight_step(model, weights, w_opt, x, y, grad_clip, world, autocast, mim=Non
 def ms_eps_at(args, epoch):
     """MS-DARTS's sampling half-width at an epoch: --ms-eps / 10 at the first, growing linearly towards --ms-eps
     (its train_search_ms.py); --no-ms-reference's fixed --ms-eps."""
-    if not getattr(args, 'ms_reference', True):
+    if not args.ms_reference:
         return args.ms_eps
     return args.ms_eps / 10 + 0.9 * args.ms_eps * epoch / args.epochs
 
@@ -441,7 +441,7 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None, eps
     """MS-DARTS's mean-shift sampling (METHOD.md §11), as offsets to the mixing weights the cells use
     (softmax(alpha) for darts; the attention weights for midas, the offset broadcast over samples and
     patches). T rounds: N points drawn within +-eps (default --ms-eps) of the current point, each evaluated in
-    eval mode (no BN statistics move) with its weights clipped to the simplex (model.clip_weights), and weighted,
+    eval mode (no BN statistics move) with its weights clipped to the simplex (model.py's clip_weights), and weighted,
     cell type by cell type, by the softmax of the training losses times a Gaussian kernel of its squared distance
     from the centre; move to the weighted mean, unclipped, where the weight step then runs: as MS-DARTS's
     perturb_ms.py. One deviation: the distance is the offset's own, where MS-DARTS measures it to the clipped point
@@ -449,7 +449,7 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None, eps
     rank (all ranks must move to one point). With args.ms_reference False, the variant of this code until 2026-12-07:
     points in train mode, unclipped, and one kernel over both cell types' distances."""
     eps = args.ms_eps if eps is None else eps
-    reference = getattr(args, 'ms_reference', True)
+    reference = args.ms_reference
     types = cell_types(model.kind)
     centre = {t: torch.zeros(len(model.space[t]), len(model.space[t][0]), device=x.device) for t in types}
     # Every point's draw at once, in the order of drawing them one by one, and one copy to the device: a plain copy
@@ -547,6 +547,11 @@ def unrolled_arch_step(model, arch_params, weights, arch_opt, w_opt, batch_val, 
 
 # ---------------------------------------------------------------------------------------------
 # Decoding (§8)
+
+# Images per batch when the supernet is read in eval mode (decode, --select perturb, --hessian-samples). Not only a
+# speed: --token-bn and --decorrelate normalise by the batch's own moments, so a run decodes alike only at this size.
+DECODE_BATCH = 256
+
 
 def decode(model, batches, args):
     """-> (genotype or NB201 arch string, record with the averaged weights and the decode margins). S4's 'noise'
@@ -760,7 +765,7 @@ def redecode(args):
             print(f"{run}: its table '{table_path}' is not there: the cell goes unscored (give --nb201-table)")
         table_path = None
     table = load_nb201_table(table_path, settings['dataset']) if table_path else None
-    score = nb201_score(table, genotype, settings['dataset']) if isinstance(genotype, str) else None
+    score = nb201_score(table, genotype, settings['dataset'])
     if 'removal_costs' in record:   # a measurement of the supernet, still true; the cell it chose is replaced
         new['removal_costs'] = record['removal_costs']
         print(f"{run}: the cell chosen by removal (--select perturb) is replaced by the one its weights give")
@@ -801,6 +806,33 @@ def min_margin(margins):
 
 def margin_text(margin):
     return 'none: no choice had a runner-up' if margin is None else f'{margin:.3g}'   # loss units too: 1e-5 is no tie
+
+
+def search_loaders(args, device, rank, world):
+    """The training images split in two halves (§7): search-train trains the weights, search-val the architecture,
+    each rank taking its slice of every global batch (--batch-size is the global batch). Beside them, unshuffled and
+    unaugmented in batches of DECODE_BATCH: search-train for the decode, and search-val for --select perturb and
+    --hessian-samples (None when neither reads it: a device copy only when used).
+    -> (train_q, val_q, decode_q, select_q)"""
+    meta = DATASETS[args.dataset]
+    x, y = training_images(args)
+    train_idx, val_idx = split_indices(len(y), args.train_portion)
+    if len(train_idx) < args.batch_size or len(val_idx) < args.batch_size:
+        raise RunError(f'{len(y)} images split {args.train_portion}: each half needs at least one batch of '
+                       f'{args.batch_size}')
+    kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
+              channels_last=use_channels_last(device))
+    train_q = GPULoader(x[train_idx], y[train_idx], args.batch_size, seed=args.seed, **kw)
+    val_q = GPULoader(x[val_idx], y[val_idx], args.batch_size, seed=args.seed + 1, **kw)
+    decode_q = GPULoader(x[train_idx], y[train_idx], DECODE_BATCH, shuffle=False, drop_last=False, augment=False,
+                         seed=0, **kw)
+    measure = args.select == 'perturb' or args.hessian_samples
+    select_q = GPULoader(x[val_idx], y[val_idx], DECODE_BATCH, shuffle=False, drop_last=False, augment=False,
+                         seed=0, **kw) if measure else None
+    if world > 1:
+        train_q.shard(rank, world)
+        val_q.shard(rank, world)
+    return train_q, val_q, decode_q, select_q
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,33 +878,9 @@ def main(argv=None):
             "--nb201-table to score them)")
     seed_everything(args.seed)
 
-    # Data: the training set split in two halves, search-train (weights) and search-val (architecture).
-    meta = DATASETS[args.dataset]
-    x, y = load_dataset(args.dataset, args.data, train=True, download=args.download)
-    if args.subset > len(y):   # the run would be recorded, and tabled, under a size it never had
-        raise RunError(f'--subset {args.subset}: {args.dataset} has {len(y)} training images')
-    if args.subset:
-        x, y = x[:args.subset], y[:args.subset]
-    train_idx, val_idx = split_indices(len(y), args.train_portion)
-    if len(train_idx) < args.batch_size or len(val_idx) < args.batch_size:
-        raise RunError(f'{len(y)} images split {args.train_portion}: each half needs at least one batch of '
-                       f'{args.batch_size}')
-    loader_kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
-                     channels_last=use_channels_last(device))
-    # Each rank takes its slice of every global batch, so --batch-size is the global batch.
-    train_q = GPULoader(x[train_idx], y[train_idx], args.batch_size, seed=args.seed, **loader_kw)
-    val_q = GPULoader(x[val_idx], y[val_idx], args.batch_size, seed=args.seed + 1, **loader_kw)
-    decode_q = GPULoader(x[train_idx], y[train_idx], 256, shuffle=False, drop_last=False, augment=False,
-                         seed=0, **loader_kw)
-    measure = args.select == 'perturb' or args.hessian_samples   # a device copy of search-val: only when used
-    select_q = GPULoader(x[val_idx], y[val_idx], 256, shuffle=False, drop_last=False, augment=False,
-                         seed=0, **loader_kw) if measure else None
-    if world > 1:
-        train_q.shard(rank, world)
-        val_q.shard(rank, world)
-    del x, y
+    train_q, val_q, decode_q, select_q = search_loaders(args, device, rank, world)
     model, mim_decoder, arch_params, weights, w_opt, arch_opt, forward, autocast = build_search(
-        args, cfg, meta['num_classes'], device)
+        args, cfg, DATASETS[args.dataset]['num_classes'], device)
     if rank == 0:  # only now: bad flags, data or a supernet too large for memory leave no run folder behind
         os.makedirs(args.save, exist_ok=True)
     # MIM masks come from a generator of their own, seeded per rank and epoch: under torchrun each rank masks its
@@ -915,7 +923,7 @@ def main(argv=None):
         n_w = sum(p.numel() for p in weights)
         patch = f' patch={args.patch}' if args.method == 'midas' else ''   # a static table has no patches
         log(f'search {args.space} {args.method}{patch} topology={args.topology} on {args.dataset}: '
-            f'{len(train_idx)}+{len(val_idx)} images, {n_w / 1e6:.3f}M weights, {n_arch} architecture '
+            f'{train_q.n}+{val_q.n} images, {n_w / 1e6:.3f}M weights, {n_arch} architecture '
             f'parameters, device {device}, world {world}')
         if args.arch_warmup >= args.epochs:
             log(f'warning: --arch-warmup {args.arch_warmup} >= --epochs {args.epochs}: no architecture step is taken, '
@@ -977,7 +985,7 @@ def main(argv=None):
         genotype, record = decode(model, decode_batches(decode_q, args.epoch_decode_samples, args.method), args)
         entry = {'epoch': epoch + 1, 'train_acc': 100 * t[1] / n, 'val_acc': 100 * t[3] / n,
                  'genotype': genotype_to_json(genotype, args.space), 'min_margin': min_margin(record['margins'])}
-        score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
+        score = nb201_score(table, genotype, args.dataset)
         if score:
             entry['nb201'] = score
         if args.hessian_samples and rank == 0:
@@ -1006,7 +1014,7 @@ def main(argv=None):
 
     model.aux_beta.zero_()   # DARTS-'s skips end with the search (a one-epoch one ran at beta 1), as on a resume
     genotype, record = decode(model, decode_batches(decode_q, args.decode_samples, args.method), args)
-    score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
+    score = nb201_score(table, genotype, args.dataset)
     if args.select == 'perturb':
         log(f'by the weights (§8): {genotype}' + (f" NAS-Bench-201 {args.dataset} valid {score['valid']:.2f} test "
                                                   f"{score['test']:.2f}" if score else ''))
@@ -1017,7 +1025,7 @@ def main(argv=None):
             f"{shared} in {time.perf_counter() - select_start:.0f} s")
         by_weights = {'genotype': genotype_to_json(genotype, args.space), 'margins': record['margins'], 'nb201': score}
         genotype, margins = decode_costs(costs, args)
-        score = nb201_score(table, genotype, args.dataset) if isinstance(genotype, str) else None
+        score = nb201_score(table, genotype, args.dataset)
         record.update(margins=margins, removal_costs=costs, by_weights=by_weights)
     scores = nb201_scores(table, genotype)
     if rank == 0:

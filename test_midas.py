@@ -866,6 +866,10 @@ def test_nb201_table_reads_the_datasets_own_columns(tmp_path):
         rows = search.load_nb201_table(str(table), dataset)
         assert search.nb201_score(rows, G.NB201_BEST, dataset) == dict(zip(('valid', 'test'), score)), dataset
     assert search.nb201_score(rows, G.NB201_PAPER, 'cifar10') is None   # a cell the table lacks
+    # a dataset NAS-Bench-201 has no columns for (a --redecode or analyze of an SVHN run) goes unscored, not by
+    # CIFAR-10's columns
+    assert search.nb201_score(rows, G.NB201_BEST, 'svhn') is None
+    assert search.nb201_score(rows, G.DARTS_V2, 'cifar10') is None   # a DARTS-space genotype
     table.write_text(f'arch,c10_valid,c10_test\n{G.NB201_BEST},91.6,94.4\n')
     with pytest.raises(search.RunError, match='c100_valid'):
         search.load_nb201_table(str(table), 'cifar100')
@@ -2485,7 +2489,8 @@ def test_train_imagenet_test_limit_counts_each_ranks_real_images(monkeypatch):
 # ---- the sources' other methods: --mim and --mean-shift (issue 6) ----
 
 def _ms_args(**kw):
-    return argparse.Namespace(**{'ms_iters': 2, 'ms_samples': 3, 'ms_eps': 0.25, 'ms_bandwidth': 1.0, **kw})
+    return argparse.Namespace(**{'ms_iters': 2, 'ms_samples': 3, 'ms_eps': 0.25, 'ms_bandwidth': 1.0,
+                                 'ms_reference': True, **kw})
 
 
 def _step_setup(method, space='nb201'):

@@ -504,6 +504,14 @@ def leaves_parameters_unused(genotype):
     return False
 
 
+def training_images(args):
+    """The dataset's training split, or its first --subset images: (uint8 images, labels) on the CPU."""
+    x, y = load_dataset(args.dataset, args.data, train=True, download=args.download)
+    if args.subset > len(y):   # the run would be recorded, and tabled, under a size it never had
+        raise RunError(f'--subset {args.subset}: {args.dataset} has {len(y)} training images')
+    return (x[:args.subset], y[:args.subset]) if args.subset else (x, y)
+
+
 def make_queues(args, device, rank, world, train=True):
     """-> (training batches or None, this rank's test batches, how many of its test images are real or None).
     In-memory datasets live whole on the device (GPULoader): every rank draws the same global batch and
@@ -519,11 +527,7 @@ def make_queues(args, device, rank, world, train=True):
               channels_last=device.type == 'cuda')
     train_q = None
     if train:
-        x, y = load_dataset(args.dataset, args.data, train=True, download=args.download)
-        if args.subset > len(y):   # the run would be recorded under a size it never had
-            raise RunError(f'--subset {args.subset}: {args.dataset} has {len(y)} training images')
-        if args.subset:
-            x, y = x[:args.subset], y[:args.subset]
+        x, y = training_images(args)
         # Flips for SVHN too, as RDARTS's SVHN pipeline does.
         train_q = GPULoader(x, y, args.batch_size, cutout=args.cutout, seed=args.seed, **kw).shard(rank, world)
     x, y = load_dataset(args.dataset, args.data, train=False, download=args.download)
