@@ -1,4 +1,4 @@
-"""See what a search decided (issue 7): cell diagrams, mosaic maps and the mixing-weight distributions.
+"""See what a search decided: cell diagrams, mosaic maps and the mixing-weight distributions.
 
     python analyze.py diagram --genotype RUN/genotype.json --out DIR   # DOT, + SVG/PNG when `dot` is installed
     python analyze.py mosaic --run RUN [--images 4] [--cells 0,1]     # per-patch winning op, PNG per cell

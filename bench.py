@@ -1,4 +1,4 @@
-"""Benchmarks, measured side by side in one run (issue 4):
+"""Benchmarks, measured side by side in one run:
 
   * a search iteration (architecture step + weight step: search.arch_step and search.weight_step, or
     search.unrolled_arch_step with --unrolled) for --method midas and --method darts, interleaved in one
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ('midas', 'darts')
 PRESETS = {
-    # the CPU targets of issue 4 (the original DARTS code: 3.0 s per iteration, 1.8 GB peak RSS here)
+    # the CPU targets (the original DARTS code: 3.0 s per iteration, 1.8 GB peak RSS here)
     'cpu': dict(space='darts', init_channels=8, layers=5, cells=5, batch_size=32, threads=2,
                 train_channels=8, train_layers=5, train_batch_size=32),
     # the DARTS search defaults; the retraining step at the DARTS CIFAR protocol's size

@@ -709,7 +709,7 @@ def standardised_tokens(tokens, states, token):
         if id(state) not in done:   # mean and std per channel over batch and pixels, in float32 at least
             var, mean = torch.var_mean(state.to(torch.promote_types(state.dtype, torch.float32)), dim=(0, 2, 3),
                                        correction=0)
-            done[id(state)] = mean, (var + 1e-5).sqrt()
+            done[id(state)] = mean, (var + 1e-5).sqrt()   # BatchNorm2d's eps
         mean, std = done[id(state)]
         shift.append(mean), scale.append(std)
     shift, scale = torch.stack(shift), torch.stack(scale)                      # K x C
@@ -807,7 +807,7 @@ class SearchNetwork(nn.Module):
             for cell in self.search_cells():
                 key = (self.cell_type(cell), tuple(p.shape for p in cell.attention.parameters()))
                 cell.attention = first.setdefault(key, cell.attention)
-        if cfg.method == 'darts':  # one table per cell type, shared by all cells of that type (§6)
+        if cfg.method == 'darts':  # one table per cell type, shared by all cells of that type (§6); DARTS's 1e-3 init
             self.alphas = nn.ParameterDict({
                 t: nn.Parameter(1e-3 * torch.randn(len(self.space[t]), len(self.space[t][0])))
                 for t in cell_types(self.kind)})
