@@ -300,9 +300,11 @@ def bench_train(args, device):
     train.py's DARTS protocol: -> seconds per timed step."""
     from genotypes import DARTS_V2
     from model import NetworkCIFAR
+    from train import channels_last as train_channels_last
     torch.manual_seed(args.seed)
     cuda = device.type == 'cuda'
-    fmt = torch.channels_last if cuda and not args.contiguous else torch.contiguous_format   # as train.py
+    fmt = (torch.channels_last if train_channels_last(device, args.amp) and not args.contiguous   # as train.py
+           else torch.contiguous_format)
     net = NetworkCIFAR(args.train_channels, 10, args.train_layers, True, DARTS_V2, drop_path_prob=0.2).to(device)
     net = net.to(memory_format=fmt)
     if cuda:

@@ -63,14 +63,17 @@ class Noise(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """Stride-2 1x1 convolutions on two offset pixel grids, concatenated: halves H and W losslessly."""
+    """1x1 convolutions on the two offset stride-2 pixel grids, concatenated: halves H and W losslessly.
+    DARTS's stride-2 1x1 convolutions, applied to the grids' pixels (same weights, same values): a quarter of the
+    copy the offset grid costs, and no stride-2 1x1 weight gradient, which oneDNN computes out of bounds on
+    channels-last maps of 4 channels (heap corruption; 8 too at 56x56)."""
 
     def __init__(self, C_in, C_out, affine=True):
         super().__init__()
         assert C_out % 2 == 0, "FactorizedReduce needs an even number of output channels"
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, padding=0, bias=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, padding=0, bias=False)   # the even grid
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, padding=0, bias=False)   # the grid offset by (1, 1)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x):
@@ -81,7 +84,7 @@ class FactorizedReduce(nn.Module):
         x = self.relu(x)
         if x.shape[-1] % 2 or x.shape[-2] % 2:  # odd maps: pad so both grids give the same size
             x = nn.functional.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
-        return torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1)
+        return torch.cat([self.conv_1(x[:, :, ::2, ::2]), self.conv_2(x[:, :, 1::2, 1::2])], dim=1)
 
 
 class Conv7x1x1x7(nn.Sequential):
