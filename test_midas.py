@@ -755,6 +755,22 @@ def test_factorized_reduce_reads_both_pixel_grids():
         assert torch.equal(other, torch.zeros_like(other))
 
 
+def test_factorized_reduce_backward_leaves_the_heap_intact_on_narrow_channels_last_maps():
+    """oneDNN's weight gradient of a stride-2 1x1 convolution writes past its buffer on channels-last CPU maps of
+    few channels (torch 2.13: 8 x 8 x 64 x 64 segfaults under glibc's MALLOC_CHECK_=3); FactorizedReduce, on every
+    reduction of a search and a retraining at small --init-channels, must not call it."""
+    code = ('import torch; from ops import FactorizedReduce; torch.manual_seed(0)\n'
+            'for c, size in ((8, 64), (4, 32), (4, 56)):\n'
+            '    fr = FactorizedReduce(c, c).to(memory_format=torch.channels_last)\n'
+            '    for _ in range(5):\n'
+            '        x = torch.randn(8, c, size, size).contiguous(memory_format=torch.channels_last)\n'
+            '        fr(x).sum().backward()\n')
+    env = {**os.environ, 'MALLOC_CHECK_': '3', 'OMP_NUM_THREADS': '1'}
+    done = subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end: tiny searches on generated CIFAR-format files
 
