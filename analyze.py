@@ -736,27 +736,32 @@ def transfer_cells(finals, datasets):
     return cells
 
 
-def nb201_results(runs, table_path=None):
+def nb201_results(runs, table_path=None, nb201_table=None):
     """-> (Markdown table of final valid/test by setting, with per-epoch mean test trajectories). The final cells'
     accuracies, on the searched dataset and on NAS-Bench-201's two others, are read from table_path
     (search.py --nb201-table) when given, else from genotype.json where search.py wrote them."""
     groups, seen = {}, {}
-    if table_path:
-        import search   # imports this file: not at the top
+    import search   # imports this file: not at the top
+    if table_path and nb201_table is None:   # nb201_table: the table at table_path, read already
         nb201_table = search.load_nb201_table(table_path)
     training_keys, defaults = training_flags()   # a table names them only where its rows differ in them
     for run in dict.fromkeys(os.path.realpath(r) for r in runs):   # a folder named twice counts once
         settings = read_json(os.path.join(run, 'args.json'))
-        if not isinstance(settings, dict) or 'method' not in settings or 'seed' not in settings:
+        if not isinstance(settings, dict) or 'method' not in settings or type(settings.get('seed')) is not int:
             raise RunError(f"'{run}' holds no search.py run (its args.json lacks the method and seed)")
         settings = as_ran(settings)
         history = read_json(os.path.join(run, 'history.json'))
+        if not isinstance(history, list) or not all(isinstance(e, dict) for e in history):
+            raise RunError(f"'{run}': its history.json is not one search.py wrote (a list of epochs)")
         final_path = os.path.join(run, 'genotype.json')
         final = read_json(final_path) if os.path.isfile(final_path) else None
         if not final or 'arch' not in final:
             raise RunError(f"'{run}' has no finished NAS-Bench-201 search (no arch in its genotype.json)")
         if 'nb201' not in final and not table_path:
             raise RunError(f"'{run}' was searched without --nb201-table: give analyze.py nb201 --nb201-table T")
+        if not table_path and not (isinstance(final['nb201'], dict) and all(
+                isinstance(s, dict) for s in [final['nb201'], *dict(final.get('nb201_datasets', {})).values()])):
+            raise RunError(f"'{run}': its genotype.json is not one search.py wrote (its nb201 scores)")
         if table_path:   # every column from the one table, the searched dataset's and each epoch's too: a row
             final['nb201_datasets'] = search.nb201_scores(nb201_table, final.get('arch'))   # mixes no two tables
             dataset = settings.get('dataset', 'cifar10')
@@ -872,6 +877,15 @@ def main(argv=None):
             print(f'wrote {path}')
         return
     if args.command in ('compare', 'nb201'):
+        if args.command == 'nb201':
+            import search   # imports this file: not at the top
+            table = search.load_nb201_table(args.nb201_table) if args.nb201_table else None
+            for run in args.runs:   # each alone first: a run whose files search.py did not write is named
+                try:
+                    nb201_results([run], args.nb201_table, table)
+                except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+                    raise RunError(f"'{run}': its args.json, genotype.json or history.json is not one search.py "
+                                   f"wrote ({type(e).__name__}: {e})") from None
         if args.command == 'compare':
             analyses = [load_analysis(r) for r in args.runs]
             for run, analysis in zip(args.runs, analyses):   # each alone first: a bad one is named
@@ -882,7 +896,7 @@ def main(argv=None):
                                    f"{e})") from None
             text = compare_markdown(analyses)
         else:
-            text = nb201_results(args.runs, args.nb201_table)
+            text = nb201_results(args.runs, args.nb201_table, table)
         print(text)
         if args.out:
             write_bytes(args.out, text.encode())

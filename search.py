@@ -28,7 +28,8 @@ from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, 
 from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
                    twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
-                   fenced_random, load_checkpoint, no_run_to_resume, reduce_sum, refuse_other_config, restoring,
+                   fenced_random, load_checkpoint, no_run_to_resume, reduce_sum, refuse_lost_checkpoint,
+                   refuse_other_config, restoring,
                    resume_folder, rng_states, run_cli, save_checkpoint, seed_everything, set_rng_states,
                    setup_distributed, started_with, training_images, write_json)
 
@@ -193,6 +194,14 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.resume:
         resumed_flags(args, p, argv)
+    if args.redecode:   # it reads the run's args.json and writes into the run: any other flag would go unheeded
+        unset = object()
+        given = vars(p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
+        ignored = [f"--{k.replace('_', '-')}" for k, v in given.items()
+                   if v is not unset and k not in ('redecode', 'resume', 'decode_none', 'nb201_table', 'select')]
+        if ignored:
+            raise RunError(f"--redecode RUN decodes RUN's averaged weights again, with its own settings, into RUN: "
+                           f"leave out {', '.join(ignored)}")
     return args
 
 
@@ -245,8 +254,10 @@ def check_args(args):
         raise RunError('--layers must be at least 3 (a DARTS supernet has two reduction cells)')
     if not 0 <= args.mim < math.inf or not 0 <= args.mim_ratio <= 1 or args.mim_patch < 1 or size % args.mim_patch:
         raise RunError(f'--mim needs a weight >= 0, --mim-ratio in [0, 1] and a --mim-patch dividing {size}')
-    if args.mean_shift and (args.ms_iters < 1 or args.ms_samples < 1 or not 0 <= args.ms_eps < math.inf
-                            or not 0 < args.ms_bandwidth < math.inf):
+    # checked without --mean-shift too, as --mim's: they are part of the run's configuration (a NaN there would
+    # never equal itself, and the run could not be resumed)
+    if (args.ms_iters < 1 or args.ms_samples < 1 or not 0 <= args.ms_eps < math.inf
+            or not 0 < args.ms_bandwidth < math.inf):
         raise RunError('--mean-shift needs --ms-iters >= 1, --ms-samples >= 1, --ms-eps >= 0, --ms-bandwidth > 0')
     if not 0 < args.train_portion < 1:
         raise RunError('--train-portion must be between 0 and 1')
@@ -477,7 +488,11 @@ def mean_shift_offsets(model, x, y, args, autocast, world=1, generator=None, eps
                 new = {}
                 for kernel_types in ([[t] for t in types] if reference else [types]):   # a kernel per cell type
                     dist2 = torch.stack([sum(((p[t] - centre[t]) ** 2).sum() for t in kernel_types) for p in points])
-                    weight = losses.softmax(0) * torch.exp(-dist2 / (2 * args.ms_bandwidth ** 2))
+                    log_kernel = -dist2 / (2 * args.ms_bandwidth ** 2)
+                    weight = losses.softmax(0) * torch.exp(log_kernel)
+                    # every kernel underflowed (a narrow --ms-bandwidth, many edges): the same normalised weights,
+                    # taken in log space, not 0 / 0 (no host sync: both are computed)
+                    weight = torch.where(weight.sum() > 0, weight, (losses.log_softmax(0) + log_kernel).softmax(0))
                     for t in kernel_types:
                         new[t] = sum(w * p[t] for w, p in zip(weight / weight.sum(), points))
                 centre = new
@@ -867,6 +882,7 @@ def main(argv=None):
         if os.path.exists(checkpoint):
             resume_state = load_checkpoint(checkpoint, config, keys, older)
         else:   # its args.json alone: stopped in its first epoch, it starts again, but as the run it was
+            refuse_lost_checkpoint(args.resume)
             refuse_other_config(older, config, keys, f"'{os.path.join(args.resume, 'args.json')}'")
     elif os.path.exists(checkpoint):
         raise RunError(f"'{args.save}' already holds a run: add --resume {args.save} to continue it, "

@@ -657,6 +657,12 @@ def test_redecode_rewrites_the_genotype_from_saved_weights(cifar, tmp_path):
     _one_line_error(run_script('search.py', '--redecode', save, '--select', 'perturb'),
                     f'--resume {save} --select perturb')
     _one_line_error(run_script('search.py', '--redecode', save, '--resume', save), 'exclude each other')
+    # it writes into RUN with RUN's settings: a --save or a search flag would go unheeded
+    _one_line_error(run_script('search.py', '--redecode', save, '--save', str(tmp_path / 'elsewhere'), '--epochs',
+                               '9'), 'leave out --save, --epochs')
+    # a finished run whose checkpoint is gone is not searched again over its record
+    os.remove(os.path.join(save, 'checkpoint.pt'))
+    _one_line_error(run_script('search.py', '--resume', save), 'its checkpoint was lost')
     bad = tmp_path / 'bad'   # a hand-edited args.json: one line, not a TypeError or KeyError
     bad.mkdir()
     shutil.copy(os.path.join(save, 'weights.json'), bad / 'weights.json')
@@ -1472,6 +1478,7 @@ def _one_line_error(r, *words):
     (['--momentum', '1'], ['--momentum must be in [0, 1)']),
     (['--nesterov', '--momentum', '0'], ['--nesterov needs a --momentum above 0']),
     (['--mim', 'nan'], ['--mim needs']),
+    (['--ms-eps', 'nan'], ['--ms-eps >= 0']),   # without --mean-shift too: args.json's NaN would refuse every resume
     (['--decode-samples', '-5'], ['--decode-samples']),
     (['--select-samples', '-5'], ['--select-samples']),
     (['--select', 'best'], ['--select', 'perturb']),
@@ -2594,6 +2601,25 @@ def test_mean_shift_weighs_points_by_softmax_of_loss_times_gaussian_kernel(refer
         torch.testing.assert_close(got[t], centre[t])
 
 
+def test_mean_shift_survives_a_kernel_that_underflows():
+    """A narrow --ms-bandwidth over the DARTS space's 112 weights a cell type rounds every Gaussian kernel to 0 in
+    float32: the weights, normalised in log space, still pick the nearest points, where 0 / 0 stopped the search
+    on a NaN loss."""
+    from search import mean_shift_offsets
+
+    class Stand(torch.nn.Module):
+        kind, space, mix_offset = 'darts', G.get_space('darts'), None
+
+        def forward(self, x):
+            return torch.stack([torch.zeros(()), self.mix_offset['normal'].sum()]).expand(len(x), 2)
+
+    x, y = torch.zeros(3, 1), torch.zeros(3, dtype=torch.long)
+    got = mean_shift_offsets(Stand(), x, y, _ms_args(ms_bandwidth=0.02), _no_autocast,
+                             generator=torch.Generator().manual_seed(0), eps=0.25)
+    for t in ('normal', 'reduce'):
+        assert torch.isfinite(got[t]).all() and 0 < got[t].abs().max() <= 2 * 0.25
+
+
 @pytest.mark.parametrize('reference', [True, False])
 def test_mean_shift_reference_or_earlier_variant_evaluates_its_points_so(reference, monkeypatch):
     """--ms-reference (the default) takes each point's loss in eval mode at the clipped point; --no-ms-reference, the
@@ -3030,6 +3056,13 @@ def test_nb201_results_table(tmp_path):
             'test |') in text
     assert '| 3.00 | 4.00 | 1.00 | 2.00 | 5.00 | 6.00 | – |' in text   # no epoch's cell in its history
     assert '| 3.00 | 4.00 | 1.00 | 2.00 | 5.00 | 6.00 | 4.00 |' in analyze.nb201_results([str(scored)], str(table))
+    # JSON of the wrong shape (hand-edited, or another tool's): one line naming the run, not a traceback
+    for name, text in (('history.json', '[[1]]'), ('history.json', 'null'),
+                       ('genotype.json', '{"arch": "x", "nb201": 1}')):
+        bad = tmp_path / f'bad-{len(text)}'
+        shutil.copytree(scored, bad)
+        (bad / name).write_text(text)
+        _one_line_error(run_script('analyze.py', 'nb201', str(bad)), str(bad))
 
 
 def test_nb201_results_rows_name_what_sets_them_apart(tmp_path):

@@ -183,7 +183,10 @@ def save_checkpoint(path, state):
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, config, keys, older=None, fix='delete it to start afresh'):
+AFRESH = 'give the command again with another --save to start afresh'   # a run's own record stays
+
+
+def load_checkpoint(path, config, keys, older=None, fix=AFRESH):
     """Load a checkpoint and refuse one written by another configuration (the `keys` of config that
     change the model or the data must match). older: {key: the value a checkpoint written before that
     key existed was run with}, so such a checkpoint still resumes. fix: what the error tells the user to do."""
@@ -191,6 +194,8 @@ def load_checkpoint(path, config, keys, older=None, fix='delete it to start afre
         raise RunError(f"no checkpoint at '{path}' to resume from")
     try:
         state = torch.load(path, map_location='cpu', weights_only=False)
+    except OSError as e:   # a permission or a disk, not a corrupt file: deleting it would lose the run
+        raise RunError(f"cannot read checkpoint '{path}': {e.strerror or e}") from None
     except Exception as e:
         raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); {fix}") from None
     if not isinstance(state, dict) or not isinstance(state.get('config', {}), dict):
@@ -219,6 +224,22 @@ def resume_folder(args):
                 with contextlib.suppress(OSError):
                     os.remove(os.path.join(args.resume, name))
     return args.resume
+
+
+def refuse_lost_checkpoint(run):
+    """--resume RUN without RUN/checkpoint.pt starts again only where the run stopped in its first epoch: one whose
+    history.json records two epochs or more, or which wrote its final files, lost its checkpoint, and starting
+    again would overwrite its record."""
+    try:
+        with open(os.path.join(run, 'history.json')) as f:
+            epochs = len(json.load(f))
+    except (OSError, ValueError, TypeError):
+        epochs = 0
+    final = [f for f in ('weights.json', 'report.json') if os.path.exists(os.path.join(run, f))]
+    if epochs > 1 or final:
+        done = f'its history.json records {epochs} epochs' if epochs > 1 else f'it wrote {final[0]}'
+        raise RunError(f"'{run}' has no checkpoint.pt, but {done}: its checkpoint was lost; put it back to resume, "
+                       f"or {AFRESH}")
 
 
 def no_run_to_resume(run, script):
@@ -271,7 +292,7 @@ def _fits(action, value):
 
 
 @contextlib.contextmanager
-def restoring(path, fix='delete it to start afresh'):
+def restoring(path, fix=AFRESH):
     """A checkpoint that loads but does not fit the run (an entry missing, a tensor of another shape) -> one
     clear error instead of a traceback from deep inside load_state_dict."""
     try:
@@ -731,6 +752,7 @@ def main(argv=None):
         if os.path.exists(checkpoint):
             state = load_checkpoint(checkpoint, config, CONFIG_KEYS)
         else:   # it starts again, but as the run it was: the flags and the cell it was started with
+            refuse_lost_checkpoint(args.resume)
             current = {**config, 'genotype': json.loads(json.dumps(config['genotype']))}
             started = {**started_with(args.resume), 'genotype': current['genotype']}
             try:
