@@ -2264,6 +2264,8 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     again.pop('wall_time_s')
     assert again == {k: v for k, v in reports[0].items() if k != 'history'}
     assert 'training again from the start' in (early / 'log.txt').read_text()
+    with open(early / 'args.json') as f:   # its record keeps the cell as the run was given it, not a path of its own
+        assert json.load(f)['genotype'] == NOISY
     # killed between its args.json and its genotype.json (a run of older code: the two are now written the other
     # way round): the user is told the cell to name
     older = tmp_path / 'older'

@@ -790,7 +790,10 @@ def main(argv=None):
     if rank == 0 and state is None:
         os.makedirs(args.save, exist_ok=True)   # args.json last: a folder with it holds the whole start of a run
         write_json(os.path.join(args.save, 'genotype.json'), config['genotype'])
-        write_json(os.path.join(args.save, 'args.json'), vars(args))
+        flags = vars(args)
+        if args.resume:   # started again: the cell as the run was given it, not the genotype.json it was read back from
+            flags = {**flags, 'genotype': started_with(args.resume).get('genotype', args.genotype)}
+        write_json(os.path.join(args.save, 'args.json'), flags)
     log = Logger(args.save, rank)
     start_epoch, history, wall = 0, [], 0.0
     if state is not None:
