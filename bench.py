@@ -300,11 +300,10 @@ def bench_train(args, device):
     train.py's DARTS protocol: -> seconds per timed step."""
     from genotypes import DARTS_V2
     from model import NetworkCIFAR
-    from train import channels_last as train_channels_last
+    from train import memory_format
     torch.manual_seed(args.seed)
     cuda = device.type == 'cuda'
-    fmt = (torch.channels_last if train_channels_last(device, args.amp) and not args.contiguous   # as train.py
-           else torch.contiguous_format)
+    fmt = torch.contiguous_format if args.contiguous else memory_format(device, args.amp)   # as train.py
     net = NetworkCIFAR(args.train_channels, 10, args.train_layers, True, DARTS_V2, drop_path_prob=0.2).to(device)
     net = net.to(memory_format=fmt)
     if cuda:

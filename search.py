@@ -29,9 +29,8 @@ from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_s
                    twice_differentiable)
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
                    fenced_random, load_checkpoint, no_run_to_resume, reduce_sum, refuse_lost_checkpoint,
-                   refuse_other_config, restoring,
-                   resume_folder, rng_states, run_cli, save_checkpoint, seed_everything, set_rng_states,
-                   setup_distributed, started_with, training_images, write_json)
+                   refuse_other_config, restoring, resume_folder, rng_states, run_cli, save_checkpoint,
+                   seed_everything, set_rng_states, setup_distributed, started_with, training_images, write_json)
 
 # Flags that change the model, the data or the schedule: a checkpoint must agree on all of them.
 CONFIG_KEYS = ['space', 'method', 'patch', 'topology', 'attn_dim', 'tau', 'token', 'token_norm', 'edge_norm',

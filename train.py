@@ -545,7 +545,7 @@ def make_queues(args, device, rank, world, train=True):
         return train_q, test_q, len(range(rank, len(test_q.dataset), world))
     meta = DATASETS[args.dataset]
     kw = dict(mean=meta['mean'], std=meta['std'], device=device, crop_pad=meta['crop_pad'],
-              channels_last=channels_last(device, args.amp))
+              channels_last=memory_format(device, args.amp) == torch.channels_last)
     train_q = None
     if train:
         x, y = training_images(args)
@@ -558,12 +558,13 @@ def make_queues(args, device, rank, world, train=True):
     return train_q, GPULoader(x, y, EVAL_BATCH, shuffle=False, drop_last=False, augment=False, **kw), None
 
 
-def channels_last(device, amp):
-    """Whether the network and its batches run channels-last: on CUDA (cuDNN), and on the CPU in float32, where
+def memory_format(device, amp):
+    """The network's and its batches' memory format: channels-last on CUDA (cuDNN), and on the CPU in float32, where
     oneDNN's depthwise, 1x1 and pooling kernels make a DARTS_V2 retraining step 1.5-1.8x faster than NCHW. Not
     bfloat16 on the CPU: torch 2.13 computes a channels-last dilated depthwise convolution's weight gradient
     wrongly there (search.dilated_bf16_grads_ok)."""
-    return device.type == 'cuda' or (device.type == 'cpu' and amp in ('auto', 'off'))
+    fast = device.type == 'cuda' or (device.type == 'cpu' and amp in ('auto', 'off'))
+    return torch.channels_last if fast else torch.contiguous_format
 
 
 def device_batches(loader, device, fmt=torch.contiguous_format):
@@ -714,7 +715,7 @@ def evaluate_checkpoint(args):
     with restoring(path, fix='leave out the network flags: --eval reads them from the checkpoint'):
         model.load_state_dict(state['model'])
     model.to(device)
-    fmt = torch.channels_last if channels_last(device, args.amp) else torch.contiguous_format
+    fmt = memory_format(device, args.amp)
     model = model.to(memory_format=fmt)
     _, autocast, _ = amp_setup(args.amp, device)
     result = evaluate(model, model, device_batches(test_q, device, fmt), autocast, device, world, limit)
@@ -744,7 +745,7 @@ def main(argv=None):
                        'two to train (batch norm on 1x1 maps): raise it or add --auxiliary-weight 0')
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     config['genotype'] = genotype_to_json(genotype, space)
-    state = None
+    state, recorded = None, {}   # recorded: the run's args.json, when it starts again from it
     if args.save is None:
         args.save = default_run_folder(f'train-{args.dataset}', world)
     checkpoint = os.path.join(args.save, 'checkpoint.pt')
@@ -754,7 +755,8 @@ def main(argv=None):
         else:   # it starts again, but as the run it was: the flags and the cell it was started with
             refuse_lost_checkpoint(args.resume)
             current = {**config, 'genotype': json.loads(json.dumps(config['genotype']))}
-            started = {**started_with(args.resume), 'genotype': current['genotype']}
+            recorded = started_with(args.resume)
+            started = {**recorded, 'genotype': current['genotype']}
             try:
                 with open(os.path.join(args.resume, 'genotype.json')) as f:
                     started['genotype'] = json.load(f)
@@ -774,7 +776,7 @@ def main(argv=None):
     train_q, test_q, test_limit = make_queues(args, device, rank, world)
     raw = build_model(genotype, args.dataset, args.init_channels, args.layers, args.cells,
                       args.auxiliary_weight > 0).to(device)
-    fmt = torch.channels_last if channels_last(device, args.amp) else torch.contiguous_format
+    fmt = memory_format(device, args.amp)
     raw = raw.to(memory_format=fmt)
     n_params, n_with_aux = count_parameters(raw), count_parameters(raw, exclude_auxiliary=False)
     params = list(raw.parameters())
@@ -790,10 +792,9 @@ def main(argv=None):
     if rank == 0 and state is None:
         os.makedirs(args.save, exist_ok=True)   # args.json last: a folder with it holds the whole start of a run
         write_json(os.path.join(args.save, 'genotype.json'), config['genotype'])
-        flags = vars(args)
-        if args.resume:   # started again: the cell as the run was given it, not the genotype.json it was read back from
-            flags = {**flags, 'genotype': started_with(args.resume).get('genotype', args.genotype)}
-        write_json(os.path.join(args.save, 'args.json'), flags)
+        # started again: the cell as the run was given it, not the genotype.json it was read back from
+        write_json(os.path.join(args.save, 'args.json'),
+                   {**vars(args), 'genotype': recorded.get('genotype', args.genotype)})
     log = Logger(args.save, rank)
     start_epoch, history, wall = 0, [], 0.0
     if state is not None:
