@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -273,6 +274,7 @@ def check_args(args):
 # NAS-Bench-201 table
 
 NB201_COLUMNS = {'cifar10': 'c10', 'cifar100': 'c100', 'imagenet16-120': 'in16'}
+NB201_CELLS = 5 ** 6   # five candidates on each of six edges
 
 
 def load_nb201_table(path, dataset='cifar10'):
@@ -291,6 +293,9 @@ def load_nb201_table(path, dataset='cifar10'):
     if not rows or any(f'{prefix}_{c}' not in rows[0] for c in ('valid', 'test')):
         raise RunError(f"'{path}' is not a NAS-Bench-201 table for {dataset} (needs columns arch, {prefix}_valid, "
                        f"{prefix}_test)")
+    if len(table) < NB201_CELLS:   # a truncated copy would leave the cells it lost unscored without a word
+        print(f"warning: '{path}' scores {len(table):,} of NAS-Bench-201's {NB201_CELLS:,} cells; a cell it lacks "
+              f"goes unscored", file=sys.stderr)
     return table
 
 

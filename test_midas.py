@@ -850,8 +850,10 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
     other.write_text('\n'.join(r for r in rows if f',{arch},' not in r) + '\n')
     with pytest.raises(analyze.RunError, match='has no cifar10 score'):
         analyze.nb201_results([save], str(other))
+    assert "scores 15,624 of NAS-Bench-201's 15,625 cells" in capsys.readouterr().err
     assert search.main(['--redecode', save, '--nb201-table', str(table)]) == arch   # re-decoded: scored again
-    assert others in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert others in out and 'warning' not in err   # the whole table: no word of missing cells
     for name in ('args.json', 'checkpoint.pt'):   # older code took --topology in NB201, and ignored it: such a
         path = os.path.join(save, name)          # run still resumes (a fresh one is refused the flag)
         if name == 'args.json':
@@ -878,9 +880,10 @@ def test_nb201_table_scores_the_decoded_cell(cifar, tmp_path, capsys):
         assert json.load(f)['nb201'] == {'valid': k % 97, 'test': k % 89}
 
 
-def test_nb201_table_reads_the_datasets_own_columns(tmp_path):
+def test_nb201_table_reads_the_datasets_own_columns(tmp_path, capsys):
     """NAS-Bench-201 holds valid and test accuracies per dataset (c10_, c100_, in16_ columns): a cell found on
-    CIFAR-100 must be scored by the CIFAR-100 columns, and a table without them refused, not scored by CIFAR-10's."""
+    CIFAR-100 must be scored by the CIFAR-100 columns, and a table without them refused, not scored by CIFAR-10's.
+    A table short of the 15,625 cells (a truncated copy) is said to be on stderr."""
     table = tmp_path / 'nb201.csv'
     table.write_text('index,arch,c10_valid,c10_test,c100_valid,c100_test,in16_valid,in16_test\n'
                      f'0,{G.NB201_BEST},91.6,94.4,73.5,73.5,46.4,46.3\n')
@@ -888,6 +891,7 @@ def test_nb201_table_reads_the_datasets_own_columns(tmp_path):
         rows = search.load_nb201_table(str(table), dataset)
         assert search.nb201_score(rows, G.NB201_BEST, dataset) == dict(zip(('valid', 'test'), score)), dataset
     assert search.nb201_score(rows, G.NB201_PAPER, 'cifar10') is None   # a cell the table lacks
+    assert "scores 1 of NAS-Bench-201's 15,625 cells" in capsys.readouterr().err
     # a dataset NAS-Bench-201 has no columns for (a --redecode or analyze of an SVHN run) goes unscored, not by
     # CIFAR-10's columns
     assert search.nb201_score(rows, G.NB201_BEST, 'svhn') is None
