@@ -930,6 +930,8 @@ def main(argv=None):
                                                         'cuda': resume_state.get('rng_cuda')}], rank, device)
             start_epoch, history = resume_state['epoch'], resume_state['history']
         log(f'resumed {args.save} at epoch {start_epoch}')
+        if rank == 0 and not started:   # its args.json lost: the flags given now, which the checkpoint accepted
+            write_json(os.path.join(args.save, 'args.json'), vars(args))
         ran_with = resume_state.get('world', world)
         if ran_with != world:   # each rank's BN normalises its own slice: another slice size, another search
             log(f'it ran as {ran_with} processes and goes on as {world}: each BN now normalises batches of '

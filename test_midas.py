@@ -1727,6 +1727,11 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path, capsys):
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
     search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', '--patch', '8', *TINY])
+    os.remove(os.path.join(save, 'args.json'))   # lost: the flags are the defaults, and the refusal says why
+    r = _search_cli(capsys, '--resume', save)
+    _one_line_error(r, 'another configuration', 'has no args.json', 'beside --resume')
+    search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', *TINY])   # given: resumed
+    search.main(['--resume', save])   # and args.json is back: the flags the checkpoint accepted
 
 
 # what may change on --resume (README: another machine, another path, the choice at the end) and the commands
@@ -2231,6 +2236,12 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     fp16 = str(tmp_path / 'fp16')   # a run saved without fp16 (an empty scaler state) goes on with it
     shutil.copytree(killed, fp16)
     assert train.main(['--resume', fp16, '--amp', 'fp16'])['amp'] == 'fp16'
+    lost = str(tmp_path / 'lost')   # its args.json lost: the defaults are refused, with where the flags went;
+    shutil.copytree(killed, lost)   # given beside --resume, they are checked, the run goes on and args.json is back
+    os.remove(os.path.join(lost, 'args.json'))
+    _one_line_error(_train_cli(capsys, '--resume', lost), 'another configuration', 'has no args.json')
+    train.main(['--resume', lost, *args[1:]])
+    assert train.started_with(lost)['epochs'] == 3
 
     r = run_script('train.py', '--resume', killed)  # the run's own flags, data and genotype
     assert r.returncode == 0, r.stderr

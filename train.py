@@ -189,7 +189,8 @@ AFRESH = 'give the command again with another --save to start afresh'   # a run'
 def load_checkpoint(path, config, keys, older=None, fix=AFRESH):
     """Load a checkpoint and refuse one written by another configuration (the `keys` of config that
     change the model or the data must match). older: {key: the value a checkpoint written before that
-    key existed was run with}, so such a checkpoint still resumes. fix: what the error tells the user to do."""
+    key existed was run with}, so such a checkpoint still resumes. fix: what the error tells the user to do.
+    A run folder without its args.json resumed with the defaults: the refusal says where the flags went."""
     if not os.path.isfile(path):
         raise RunError(f"no checkpoint at '{path}' to resume from")
     try:
@@ -200,16 +201,19 @@ def load_checkpoint(path, config, keys, older=None, fix=AFRESH):
         raise RunError(f"checkpoint '{path}' is unreadable ({type(e).__name__}); {fix}") from None
     if not isinstance(state, dict) or not isinstance(state.get('config', {}), dict):
         raise RunError(f"'{path}' is not a checkpoint of this project; {fix}")
-    refuse_other_config({**(older or {}), **state.get('config', {})}, config, keys, f"checkpoint '{path}'")
+    run = os.path.dirname(path) or '.'
+    lost = '' if os.path.isfile(os.path.join(run, 'args.json')) else (
+        f" ('{run}' has no args.json to take the flags it ran with from: give them beside --resume)")
+    refuse_other_config({**(older or {}), **state.get('config', {})}, config, keys, f"checkpoint '{path}'", lost)
     return state
 
 
-def refuse_other_config(saved, config, keys, source):
+def refuse_other_config(saved, config, keys, source, hint=''):
     """A run continued under other flags would record, and resume, a run it never was."""
     for k in keys:
         if saved.get(k) != config.get(k):
             raise RunError(f"{source} is from another configuration: {k}={saved.get(k)!r}, "
-                           f"this run has {k}={config.get(k)!r}")
+                           f"this run has {k}={config.get(k)!r}{hint}")
 
 
 def resume_folder(args):
@@ -439,8 +443,8 @@ def resolve_args(args):
     and check them. -> (genotype or NB201 arch string, space name or None)."""
     if args.resume:
         saved = started_with(args.resume, build_parser(), 'train.py')
-        if not saved:
-            raise no_run_to_resume(args.resume, 'train.py')
+        if not saved and not os.path.isfile(os.path.join(args.resume, 'checkpoint.pt')):
+            raise no_run_to_resume(args.resume, 'train.py')   # args.json lost: the flags given, checked below
         _fill(args, {k: saved.get(k) for k in CONFIG_KEYS + ['data', *RUNTIME] if k != 'genotype'})
         if not args.genotype:
             args.genotype = os.path.join(args.resume, 'genotype.json')
@@ -795,6 +799,8 @@ def main(argv=None):
         # started again: the cell as the run was given it, not the genotype.json it was read back from
         write_json(os.path.join(args.save, 'args.json'),
                    {**vars(args), 'genotype': recorded.get('genotype', args.genotype)})
+    elif rank == 0 and not os.path.isfile(os.path.join(args.save, 'args.json')):   # lost: the flags given now,
+        write_json(os.path.join(args.save, 'args.json'), vars(args))                 # which the checkpoint accepted
     log = Logger(args.save, rank)
     start_epoch, history, wall = 0, [], 0.0
     if state is not None:
