@@ -248,6 +248,11 @@ def check_args(args):
         raise RunError('--momentum must be in [0, 1)')
     if args.nesterov and args.momentum == 0:
         raise RunError('--nesterov needs a --momentum above 0')
+    if args.nb201_table and space['kind'] != 'nb201':   # it would be ignored
+        raise RunError(f'--nb201-table scores NAS-Bench-201 cells, and --space {args.space} has none: drop it')
+    if args.decorrelate and args.decorrelate_free and not args.resume:   # the first holds the second
+        raise RunError("--decorrelate takes the covariance out of every candidate's score, the parameter-free ones' "
+                       "too: drop --decorrelate-free")
     if args.nb201_table and space['kind'] == 'nb201' and args.dataset not in NB201_COLUMNS:
         raise RunError(f'NAS-Bench-201 has no {args.dataset} results to score cells with: drop --nb201-table')
     if space['kind'] == 'darts' and args.layers < 3:

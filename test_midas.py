@@ -1498,6 +1498,8 @@ def _one_line_error(r, *words):
     (['--space', 'nb201', '--topology'], ['--topology does not apply to NAS-Bench-201']),   # it would be ignored
     (['--seed', '-1'], ['--seed must be in [0, 2**32)']),
     (['--nb201-table', ''], ['--nb201-table: an empty path']),
+    (['--nb201-table', 'T.csv'], ['--nb201-table scores NAS-Bench-201 cells', '--space darts']),   # ignored
+    (['--decorrelate', '--decorrelate-free'], ['drop --decorrelate-free']),   # ignored
 ])
 def test_bad_flags(cifar, tmp_path, capsys, flags, words):
     with pytest.raises(SystemExit) as e:   # search.py's command line, in this process: no interpreter to start
