@@ -458,13 +458,27 @@ def edge_op_table(cell, mean_key, std_key, mean_format):
     return table(['edge'] + ops, rows)
 
 
+# settings whose weights depend on the other images of a batch (batch moments of tokens or scores)
+BATCH_DEPENDENT = ('token_bn', 'decorrelate', 'decorrelate_free')
+
+
+def batch_dependent(settings):
+    return settings.get('method') == 'midas' and any(settings.get(k) for k in BATCH_DEPENDENT)
+
+
+def batches(analysis):
+    """', in batches of B' where the weights depend on the batch, else ''."""
+    size = analysis.get('batch_size')   # (an analysis.json older than it has none)
+    return f", in batches of {size}" if size and batch_dependent(analysis['settings']) else ''
+
+
 def report_markdown(analysis, diagrams, mosaics, genotype):
     s = analysis['settings']
     patch = f", patch {s.get('patch')}" if s['method'] == 'midas' else ''   # a static table has no patches
     md = [f"# What the search decided: {analysis['name']}\n",
           f"Space {s['space']}, method {s['method']}{patch}, {s['dataset']}, "
           f"epochs {s.get('epochs')}{unfinished(analysis)}; statistics over {analysis['samples']} "
-          f"{analysis['split']} images (seed 0).\n"]
+          f"{analysis['split']} images (seed 0){batches(analysis)}.\n"]
     if genotype is not None:
         md.append(f'Genotype: `{genotype}`\n')
         md.append('## Cells\n')
@@ -525,7 +539,8 @@ def seed_groups(analyses):
         ignored = {'seed', *(MIDAS_ONLY if s.get('method') != 'midas' else ())}   # as nb201's rows
         setting = {k: v if UNUSED_UNLESS.get(k, lambda s: True)(s) else NOT_USED for k, v in s.items()
                    if k not in ignored}
-        key = json.dumps([setting, a.get('split'), a.get('samples'), unfinished(a)], sort_keys=True)
+        batch = a.get('batch_size') if batch_dependent(s) else None
+        key = json.dumps([setting, a.get('split'), a.get('samples'), batch, unfinished(a)], sort_keys=True)
         groups.setdefault(key, []).append(a)
     return [g for g in groups.values()
             if len(g) > 1 and len({a['settings'].get('seed') for a in g} - {None}) == len(g)]
@@ -842,7 +857,9 @@ def get_args(argv=None):
         s.add_argument('--cells', default=None, help='search cells to draw, e.g. 0,1 (default all)')
         s.add_argument('--edges', default=None, help='edges to draw, e.g. 0,3 in edge order (default all)')
         s.add_argument('--out', default=None, help='output folder (default RUN/analysis)')
-        s.add_argument('--batch-size', type=int, default=64, help='images per forward (default %(default)s)')
+        s.add_argument('--batch-size', type=int, default=256,   # search.py's DECODE_BATCH
+                       help="images per forward (default %(default)s, as search.py decodes: the weights of "
+                            "--token-bn and --decorrelate runs depend on the batch)")
         s.add_argument('--device', default='auto', help='auto, cpu, cuda, cuda:N')
         if name == 'report':
             s.add_argument('--samples', type=int, default=512, help='images the statistics are taken over (at least 4; '
@@ -925,7 +942,7 @@ def main(argv=None):
     cell_stats = analyse(records, y.numpy(), args.bins)
     diagrams = write_diagrams(genotype, out) if genotype is not None else []
     ran = as_ran(settings)   # with the training flags: compare's seed groups are runs that differ in the seed alone
-    analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y),
+    analysis = {'name': name, 'run': args.run, 'split': args.split, 'samples': len(y), 'batch_size': args.batch_size,
                 'epoch': settings['checkpoint_epoch'],
                 'settings': {k: ran.get(k) for k in ('space', *SETTING_KEYS, 'layers', 'seed', *training_flags()[0])},
                 'summary': summarise([e for c in cell_stats for e in c['edges']]), 'cells': cell_stats}

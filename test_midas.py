@@ -1955,6 +1955,17 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     assert '| mean ± std of s0, s1 | midas | 4 | 0.1000 ± 0.0000 | 0.1000 ± 0.0000 |' in text   # the margins
     assert text.count('mean ± std of') == 5 and 'q0,' not in text
     assert 'mean ± std' not in analyze.compare_markdown([seeded('s0', 0, 4, 0.5), seeded('again', 0, 4, 0.7)])
+    # --token-bn's and --decorrelate's weights depend on the batch: analyses in other batches are no seeds of one
+    # another; the default's are the same in any batch
+    def batched(name, seed, batch, **flags):
+        return {**seeded(name, seed, 4, 0.5), 'batch_size': batch} | {
+            'settings': {'method': 'midas', 'patch': 4, 'seed': seed, **flags}}
+    for flags, groups in (({'decorrelate': True}, 0), ({'token_bn': True}, 0), ({}, 1)):
+        assert len(analyze.seed_groups([batched('a', 0, 64, **flags), batched('b', 1, 256, **flags)])) == groups
+    assert analyze.get_args(['report', '--run', 'R']).batch_size == search.DECODE_BATCH   # as the decode saw them
+    assert analysis['batch_size'] == search.DECODE_BATCH
+    assert 'in batches' not in open(os.path.join(runs[4], 'analysis', 'report.md')).read()   # (the default's)
+    assert analyze.batches(batched('a', 0, 64, token_bn=True)) == ', in batches of 64'   # report.md says it
     with open(os.path.join(runs[4], 'analysis', 'analysis.json')) as f:   # a report records the training flags
         recorded = json.load(f)['settings']                                # too: runs at another lr are no seeds
     assert (recorded['lr'], recorded['nesterov'], recorded['seed']) == (0.025, False, 0)
