@@ -1873,7 +1873,7 @@ def test_analyze_statistics_match_hand_computation():
     assert cell['patch_entropy'] == pytest.approx(0.45) and cell['unimodal_share'] == pytest.approx(0.5)
 
 
-def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
+def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path, capsys):
     runs = {}
     for patch in (4, 0):
         runs[patch] = str(tmp_path / f'p{patch}')
@@ -1935,6 +1935,11 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path):
     table = str(tmp_path / 'compare.md')
     text = analyze.main(['compare', runs[0], os.path.join(runs[4], 'analysis', 'analysis.json'), '--out', table])
     assert open(table).read() == text
+    with pytest.raises(SystemExit):   # --out a folder: one line that names it (os.replace's named the temp file)
+        train.run_cli(analyze.main, ['compare', runs[0], '--out', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"a folder, where a file is to be written: '{tmp_path}'" in err and '.tmp-' not in err
+    assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]
     rows = [line for line in text.splitlines() if line.startswith('| p0 ') or line.startswith('| p4 ')]
     assert len(rows) == 6 * 2 and 'cell 2 (normal)' in text
     assert '| 8x8 (normal) | 4x4 (normal) | 2x2 (normal) |' in text

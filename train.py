@@ -15,6 +15,7 @@ epoch) and report.json (at the end).
 """
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -156,6 +157,8 @@ class Logger:
 
 def atomic_write(path, write):
     """write(f) into a temp file beside path, then rename: readers never see a half-written file."""
+    if os.path.isdir(path):   # os.replace would fail too, but naming the temp file
+        raise IsADirectoryError(errno.EISDIR, 'a folder, where a file is to be written', path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix='.tmp-', suffix=os.path.basename(path))
