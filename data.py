@@ -550,6 +550,8 @@ def _throughput(argv=None):
             ap.exit(2, f"error: --{name.replace('_', '-')} must be at least 1\n")
     if a.cutout < 0:
         ap.exit(2, 'error: --cutout must not be negative\n')
+    if not a.data:   # as search.py's and train.py's --data
+        ap.exit(2, 'error: --data: an empty path (an unset shell variable?)\n')
     try:
         device = torch.device(a.device)
     except RuntimeError:

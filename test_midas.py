@@ -3198,6 +3198,7 @@ def test_data_throughput_tool_bad_input_is_one_line(tmp_path):
     _one_line_error(r, '--device gpu: not a device')
     _one_line_error(run_script('data.py', '--fake', '--device', 'meta'), '--device meta: this torch sees no such')
     _one_line_error(run_script('data.py', '--fake', '--cutout', '33'), '--cutout 33 is larger than the 32x32')
+    _one_line_error(run_script('data.py', '--data', ''), '--data: an empty path')   # not "put it under ,"
     if not torch.cuda.is_available():
         r = run_script('data.py', '--fake', '--device', 'cuda')
         _one_line_error(r, '--device cuda: this torch sees no such device')
