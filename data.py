@@ -175,14 +175,20 @@ def _torchvision():
 
 def _load_svhn(root, train, download):
     tv = _torchvision()
+    path = os.path.join(root, 'train_32x32.mat' if train else 'test_32x32.mat')
+    if not download and not os.path.isfile(path):   # torchvision says 'not found or corrupted' for both
+        raise DataError(f"{path} not found; put train_32x32.mat and test_32x32.mat from "
+                        f"http://ufldl.stanford.edu/housenumbers/ under {root}, or allow downloading (--download)")
     try:
         ds = tv.datasets.SVHN(root, split='train' if train else 'test', download=download)
     except ModuleNotFoundError as e:   # torchvision reads the .mat files with scipy, which it does not require
         raise DataError(f"torchvision reads SVHN with scipy, which is missing ({e}): pip install scipy") from e
     except Exception as e:
+        if not download and isinstance(e, RuntimeError):   # the file is there: its md5 is not the official one
+            raise DataError(f"{path} is not the official file (its md5 differs: truncated?); delete it and fetch it "
+                            f"again from http://ufldl.stanford.edu/housenumbers/") from e
         raise DataError(f"SVHN could not be loaded from {root} ({type(e).__name__}: {e}); put train_32x32.mat and "
-                        f"test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ there, "
-                        f"or allow downloading") from e
+                        f"test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ there") from e
     return torch.from_numpy(np.ascontiguousarray(ds.data, dtype=np.uint8)), torch.from_numpy(ds.labels.astype(np.int64))
 
 
@@ -436,7 +442,23 @@ def imagenet_loader(root, train, batch_size, workers, distributed=False, seed=0)
                         T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.2), T.ToTensor(), norm])
     else:
         tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-    return epoch_loader(tv.datasets.ImageFolder(folder, tf), batch_size, workers, train, distributed, seed)
+    other = os.path.join(os.path.dirname(folder), 'val' if train else 'train')
+    try:
+        ds = tv.datasets.ImageFolder(folder, tf)
+        # ImageFolder numbers each split's classes by their sorted folder names, on its own: a class folder that one
+        # split lacks would shift the other's labels silently
+        theirs = tv.datasets.folder.find_classes(other)[0] if os.path.isdir(other) else ds.classes
+    except FileNotFoundError as e:   # no class folder (the official validation archive unpacks flat), or an empty one
+        raise DataError(f"{e} ImageNet wants one folder of images per class in {os.path.dirname(folder)}/train and "
+                        f"/val (the official validation archive unpacks flat: sort it into class folders)") from None
+    if theirs != ds.classes:
+        odd = sorted(set(theirs) ^ set(ds.classes))
+        raise DataError(f"{folder} and {other} hold different class folders ({len(ds.classes)} and {len(theirs)}, "
+                        f"e.g. {odd[0]!r}): their labels would not agree")
+    if len(ds.classes) > DATASETS['imagenet']['num_classes']:   # found now, not mid-epoch
+        raise DataError(f"{folder} holds {len(ds.classes)} class folders, more than ImageNet's "
+                        f"{DATASETS['imagenet']['num_classes']}")
+    return epoch_loader(ds, batch_size, workers, train, distributed, seed)
 
 
 def epoch_loader(ds, batch_size, workers, train, distributed=False, seed=0):

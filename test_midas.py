@@ -2,6 +2,7 @@
 They make their own data in the official file formats and never need ../shared."""
 import argparse
 import copy
+import hashlib
 import itertools
 import json
 import math
@@ -2478,6 +2479,15 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
         history = json.load(f)
     assert [h['lr'] for h in history] == pytest.approx([0.1, 0.097])  # step decay 0.97 per epoch
     assert [h['test_images'] for h in history] == [3, 3]
+    ckpt = os.path.join(save, 'checkpoint.pt')
+    with pytest.raises(train.RunError, match='--subset applies to the in-memory datasets'):   # it was ignored
+        train.main(['--eval', ckpt, '--subset', '2'])
+    made.clear()
+    workers = []
+    monkeypatch.setattr(train, 'imagenet_loader', lambda root, is_train, b, w, *a: workers.append(w) or loader(
+        root, is_train, b, w, *a))
+    assert train.main(['--eval', ckpt])['test_images'] == 3
+    assert workers == [2]   # --eval takes the run's own workers, not the default 8
 
     # DistributedSampler pads a rank's part of the test set with repeats: only the first `limit` count
     net = torch.nn.Linear(4, 7)
@@ -2487,6 +2497,64 @@ def test_train_imagenet_protocol_with_a_stand_in_loader(tmp_path, monkeypatch, o
     whole = train.evaluate(forward, net, [(x[:6], y[:6]), (x[6:], y[6:])], autocast, torch.device('cpu'), 1)
     padded = [(x[:6], y[:6]), (torch.cat([x[6:], x[:3]]), torch.cat([y[6:], y[:3]])), (x[:4], y[:4])]
     assert train.evaluate(forward, net, padded, autocast, torch.device('cpu'), 1, limit=10) == whole
+
+
+def _torchvision_or_skip():
+    try:   # a broken install fails with other errors than ImportError, which importorskip lets through
+        return data._torchvision()
+    except data.DataError as e:
+        pytest.skip(str(e))
+
+
+def _svhn_files(root, monkeypatch, n=(40, 20)):
+    """SVHN's official .mat layout (X: 32 x 32 x 3 x N uint8, y: N x 1 in 1..10, 10 for the digit 0), with
+    torchvision's md5s set to these files' (it checks them even with download=False)."""
+    tv = _torchvision_or_skip()
+    sio = pytest.importorskip('scipy.io')
+    rng = np.random.default_rng(0)
+    for split, k in zip(('train', 'test'), n):
+        url, name, _ = tv.datasets.SVHN.split_list[split]
+        X, y = rng.integers(0, 256, (32, 32, 3, k), dtype=np.uint8), np.arange(k) % 10 + 1
+        sio.savemat(os.path.join(root, name), {'X': X, 'y': y.reshape(k, 1)})
+        with open(os.path.join(root, name), 'rb') as f:
+            md5 = hashlib.md5(f.read()).hexdigest()
+        monkeypatch.setitem(tv.datasets.SVHN.split_list, split, [url, name, md5])
+        yield X, y
+
+
+def test_svhn_reads_torchvisions_files_as_nchw_with_digit_0_as_label_0(tmp_path, monkeypatch):
+    for train, (X, y) in zip((True, False), list(_svhn_files(str(tmp_path), monkeypatch))):
+        x, labels = data.load_dataset('svhn', str(tmp_path), train=train, download=False)
+        assert x.dtype == torch.uint8 and x.is_contiguous()
+        assert np.array_equal(x.numpy(), X.transpose(3, 2, 0, 1))    # image n, channel c, row, column
+        assert labels.tolist() == [v % 10 for v in y]
+    (tmp_path / 'test_32x32.mat').write_bytes(b'truncated')
+    with pytest.raises(data.DataError, match='not the official file'):
+        data.load_dataset('svhn', str(tmp_path), train=False, download=False)
+    with pytest.raises(data.DataError, match='not found'):
+        data.load_dataset('svhn', str(tmp_path / 'nowhere'), train=True, download=False)
+
+
+def _imagenet_tree(root, classes, per_class=2):
+    Image = pytest.importorskip('PIL.Image')
+    for split, names in classes.items():
+        for i, name in enumerate(names):
+            os.makedirs(os.path.join(root, split, name))
+            for j in range(per_class):
+                Image.fromarray(np.full((40, 48, 3), 40 * i + j, np.uint8)).save(
+                    os.path.join(root, split, name, f'{j}.JPEG'))
+
+
+def test_imagenet_loader_reads_class_folders_and_refuses_splits_that_disagree(tmp_path):
+    _torchvision_or_skip()
+    _imagenet_tree(str(tmp_path / 'ok'), {'train': ['a', 'b', 'c'], 'val': ['a', 'b', 'c']})
+    q = data.imagenet_loader(str(tmp_path / 'ok'), False, 6, 0)
+    x, y = next(iter(q))
+    assert x.shape == (6, 3, 224, 224) and y.tolist() == [0, 0, 1, 1, 2, 2]
+    _imagenet_tree(str(tmp_path / 'bad'), {'train': ['a', 'b', 'c'], 'val': ['b', 'c']})   # val's 'b' would be 0
+    for train in (True, False):
+        with pytest.raises(data.DataError, match='different class folders'):
+            data.imagenet_loader(str(tmp_path / 'bad'), train, 2, 0)
 
 
 class _Jitter(torch.utils.data.Dataset):

@@ -710,11 +710,14 @@ def evaluate_checkpoint(args):
     # says otherwise.
     _fill(args, {k: v for k, v in config.items() if k not in ('genotype', 'subset')})
     started = started_with(os.path.dirname(os.path.abspath(path)), parser)
-    _fill(args, {'data': started.get('data'), 'amp': started.get('amp')})   # its precision: the same figure
+    _fill(args, {'data': started.get('data'), 'amp': started.get('amp'),   # its precision: the same figure
+                 'workers': started.get('workers')})
     _fill(args, GENERAL)
     _fill(args, RUNTIME)
     if args.subset < 0:
         raise RunError('--subset must be a finite number, not negative')
+    if args.dataset == 'imagenet' and args.subset:   # make_queues would test every image all the same
+        raise RunError('--subset applies to the in-memory datasets, not to ImageNet')
     genotype = genotype_from_json(config['genotype'])[0]
     rank, world, device = setup_distributed(args.device)
     _, test_q, limit = make_queues(args, device, rank, world, train=False)
