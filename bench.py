@@ -187,6 +187,7 @@ def search_args(args, method, device):
     cfg = search.check_args(sargs)
     if channels_last(device, args):   # what search.py refuses is not timed either (bf16 on a broken CPU kernel)
         search.check_amp(sargs, device)
+    search.check_compile(sargs, device)
     return sargs, cfg
 
 

@@ -58,8 +58,8 @@ class ArchConfig:
 # Grid helpers: a g_h x g_w grid of patches over an H x W map
 
 # torch.compile traces the plain-op paths below, which its code generator fuses; the autograd Functions are
-# hand-fused kernels for eager mode (torch < 2.3 has no is_compiling: there the Functions are traced too)
-compiling = getattr(torch.compiler, 'is_compiling', lambda: False)
+# hand-fused kernels for eager mode
+compiling = torch.compiler.is_compiling
 _plain_paths = False   # set inside twice_differentiable()
 
 

@@ -360,6 +360,16 @@ def check_amp(args, device):
                        f"for the dilated convolutions of --space {args.space} (dil_conv_*); use --amp off")
 
 
+def check_compile(args, device):
+    """--compile on the CPU: refused on the torch releases whose TorchInductor fails on the supernet's backward,
+    minutes into the first step (2.5.1, and 2.6.0's same code: C++ it cannot compile, 'ops.<lambda>'; 2.7.0: a
+    KeyError in its scheduler; 2.8.0, 2.9.1, 2.10.0: its vectorised kernels corrupt the heap, glibc aborts).
+    2.13.0 compiles it; 2.11 and 2.12 were not tried."""
+    if args.compile and device.type == 'cpu' and torch.__version__ < '2.11':
+        raise RunError(f'--compile on the CPU needs torch >= 2.11 (TorchInductor {torch.__version__} fails on the '
+                       'supernet\'s backward); use --no-compile or a newer torch')
+
+
 def build_search(args, cfg, num_classes, device, channels_last=None):
     """The supernet (and the MIM decoder with --mim), its optimisers, the forward to call (compiled with
     --compile) and the autocast context, as a search step needs them (bench.py times the same).
@@ -875,6 +885,7 @@ def main(argv=None):
     if args.batch_size % world:   # uneven slices would weigh one rank's images more in the averaged gradients
         raise RunError(f'--batch-size {args.batch_size} does not split evenly over {world} processes')
     check_amp(args, device)
+    check_compile(args, device)
     config = {k: getattr(args, k) for k in CONFIG_KEYS}
     resume_state = None
     if args.resume:

@@ -251,8 +251,6 @@ def test_compiled_supernet_is_one_graph_and_matches_eager(space):
     """search.py --compile: torch.compile must see the whole supernet as one graph (fullgraph: a graph break would
     split it into pieces the compiler cannot fuse, recompiled node by node), and the plain-op paths it traces in place
     of the eager autograd Functions must give the eager values and gradients."""
-    if not hasattr(torch.compiler, 'is_compiling'):
-        pytest.skip('torch < 2.3 traces the eager Functions')
     torch.manual_seed(0)
     net = SearchNetwork(space, 4, 10, 3, 1, ArchConfig()).to(memory_format=torch.channels_last)
     module, inputs = net, (torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last),)
@@ -1243,7 +1241,7 @@ def test_search_torchrun_two_ranks_hold_one_supernet(cifar, tmp_path, space):
                    '--data', cifar, '--save', save, '--space', space, '--epochs', '2', *TINY[2:], *perturb,
                    env={'MIDAS_RANK_STATES': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt')) for k in (0, 1))
+    a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt'), weights_only=True) for k in (0, 1))
     assert a['genotype'] == b['genotype'] and a['model'].keys() == b['model'].keys()
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert any('running_mean' in k for k in a['model'])  # the BN statistics are compared too
@@ -1585,6 +1583,19 @@ def test_bf16_probe_agrees_with_the_dil_conv_op():
         exact, half = found
         agree.append(bool(torch.isfinite(half).all()) and (half - exact).abs().max() <= 0.05 * exact.abs().max())
     assert agree[0] == agree[1] == search.dilated_bf16_grads_ok()
+
+
+def test_compile_on_the_cpu_refused_where_torchinductor_fails_on_the_supernet(cifar, tmp_path, monkeypatch):
+    """--compile on the CPU with a torch whose TorchInductor fails on the supernet's backward (2.5-2.10): one error
+    line and no run folder, from search.py and bench.py, rather than a crash minutes into the first step."""
+    import bench
+    from torch.torch_version import TorchVersion
+    monkeypatch.setattr(torch, '__version__', TorchVersion('2.10.0+cpu'))
+    with pytest.raises(search.RunError, match='--compile on the CPU needs torch >= 2.11'):
+        search.main(['--data', cifar, '--save', str(tmp_path / 'run'), *TINY, '--space', 'nb201', '--compile'])
+    assert not os.path.exists(tmp_path / 'run')
+    with pytest.raises(search.RunError, match='--no-compile'):
+        bench.main(['--device', 'cpu', '--space', 'nb201', '--compile', '--skip', 'memory,train,data'])
 
 
 def test_bf16_on_the_cpu_refused_only_for_dilated_convolutions(cifar, tmp_path, monkeypatch):
@@ -2207,7 +2218,7 @@ def test_train_torchrun_two_ranks_end_with_identical_weights(cifar, tmp_path, ca
                    '--genotype', 'DARTS_V2', '--data', cifar, '--save', save, *TRAIN_TINY, '--layers', '3',
                    '--epochs', '2', env={'MIDAS_RANK_STATES': '1'})
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt')) for k in (0, 1))
+    a, b = (torch.load(os.path.join(save, f'rank{k}-state.pt'), weights_only=True) for k in (0, 1))
     ckpt = torch.load(os.path.join(save, 'checkpoint.pt'), weights_only=False)
     assert _same_weights(a, b) and _same_weights(a, ckpt['model'])   # parameters and BN statistics
     torch.manual_seed(0)
