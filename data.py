@@ -449,8 +449,9 @@ def imagenet_loader(root, train, batch_size, workers, distributed=False, seed=0)
         # split lacks would shift the other's labels silently
         theirs = tv.datasets.folder.find_classes(other)[0] if os.path.isdir(other) else ds.classes
     except FileNotFoundError as e:   # no class folder (the official validation archive unpacks flat), or an empty one
-        raise DataError(f"{e} ImageNet wants one folder of images per class in {os.path.dirname(folder)}/train and "
-                        f"/val (the official validation archive unpacks flat: sort it into class folders)") from None
+        root = os.path.dirname(folder)
+        raise DataError(f"{e} ImageNet wants one folder of images per class in {root}/train and {root}/val "
+                        f"(the official validation archive unpacks flat: sort it into class folders)") from None
     if theirs != ds.classes:
         odd = sorted(set(theirs) ^ set(ds.classes))
         raise DataError(f"{folder} and {other} hold different class folders ({len(ds.classes)} and {len(theirs)}, "

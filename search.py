@@ -248,7 +248,7 @@ def check_args(args):
         raise RunError('--momentum must be in [0, 1)')
     if args.nesterov and args.momentum == 0:
         raise RunError('--nesterov needs a --momentum above 0')
-    if args.nb201_table and space['kind'] != 'nb201':   # it would be ignored
+    if args.nb201_table and space['kind'] != 'nb201' and not args.resume:   # ignored (older runs recorded it)
         raise RunError(f'--nb201-table scores NAS-Bench-201 cells, and --space {args.space} has none: drop it')
     if args.decorrelate and args.decorrelate_free and not args.resume:   # the first holds the second
         raise RunError("--decorrelate takes the covariance out of every candidate's score, the parameter-free ones' "

@@ -1746,6 +1746,13 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path, capsys):
     _one_line_error(r, 'another configuration', 'has no args.json', 'beside --resume')
     search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', *TINY])   # given: resumed
     search.main(['--resume', save])   # and args.json is back: the flags the checkpoint accepted
+    with open(os.path.join(save, 'args.json')) as f:   # older code took --nb201-table outside NB201 and both
+        started = json.load(f)                         # --decorrelate flags, and ignored them: such a run still
+    table = tmp_path / 'T.csv'                         # resumes (a fresh one is refused them)
+    table.write_text(f'arch,c10_valid,c10_test\n{G.NB201_BEST},91.6,94.4\n')
+    with open(os.path.join(save, 'args.json'), 'w') as f:
+        json.dump({**started, 'nb201_table': str(table), 'decorrelate': True, 'decorrelate_free': True}, f)
+    search.main(['--resume', save])
 
 
 # what may change on --resume (README: another machine, another path, the choice at the end) and the commands
