@@ -192,32 +192,36 @@ def get_args(argv=None):
                         "--compile, --report-freq, --nb201-table (another machine, another path), --select and "
                         "--select-samples (the choice at the end), --hessian-samples (a measurement)")
     args = p.parse_args(argv)
+    given = given_flags(p, argv, args) if args.resume or args.redecode else {}
     if args.resume:
-        resumed_flags(args, p, argv)
+        resumed_flags(args, p, given)
     if args.redecode:   # it reads the run's args.json and writes into the run: any other flag would go unheeded
-        unset = object()
-        given = vars(p.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
-        ignored = [f"--{k.replace('_', '-')}" for k, v in given.items()
-                   if v is not unset and k not in ('redecode', 'resume', 'decode_none', 'nb201_table', 'select')]
+        ignored = [f"--{k.replace('_', '-')}" for k in given
+                   if k not in ('redecode', 'resume', 'decode_none', 'nb201_table', 'select')]
         if ignored:
             raise RunError(f"--redecode RUN decodes RUN's averaged weights again, with its own settings, into RUN: "
                            f"leave out {', '.join(ignored)}")
     return args
 
 
-def resumed_flags(args, parser, argv):
-    """--resume RUN: every flag not on the command line takes the value RUN was started with (its args.json;
-    a flag newer than the run, the value it ran with: ADDED_KEYS). Given flags stay, for main to check against
-    the checkpoint."""
+def given_flags(parser, argv, args):
+    """{dest: value} of the flags on the command line alone, argparse's defaults left out."""
+    unset = object()   # a namespace pre-filled with it keeps argparse's defaults out: what remains was given
+    parsed = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
+    return {k: v for k, v in parsed.items() if v is not unset}
+
+
+def resumed_flags(args, parser, given):
+    """--resume RUN: every flag not on the command line (not in given) takes the value RUN was started with (its
+    args.json; a flag newer than the run, the value it ran with: ADDED_KEYS). Given flags stay, for main to check
+    against the checkpoint."""
     started = started_with(args.resume, parser, 'search.py')
     if not started:
         return   # no args.json: the defaults, checked against the checkpoint's configuration
-    unset = object()   # a namespace pre-filled with it keeps argparse's defaults out: what remains was given
-    given = vars(parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)})))
-    for k, v in {**ADDED_KEYS, **started}.items():
-        if given.get(k, None) is unset and k not in ('save', 'resume', 'redecode'):
+    for k, v in {**ADDED_KEYS, **started}.items():   # (a key of no flag today stays out of args)
+        if k in vars(args) and k not in given and k not in ('save', 'resume', 'redecode'):
             setattr(args, k, v)
-    if given['nb201_table'] is unset and args.nb201_table and not os.path.isfile(args.nb201_table):
+    if 'nb201_table' not in given and args.nb201_table and not os.path.isfile(args.nb201_table):
         args.nb201_table = None   # the run's own table, not on this machine: main says so, and scores nothing
 
 
