@@ -176,19 +176,18 @@ def _torchvision():
 def _load_svhn(root, train, download):
     tv = _torchvision()
     path = os.path.join(root, 'train_32x32.mat' if train else 'test_32x32.mat')
+    files = 'train_32x32.mat and test_32x32.mat from http://ufldl.stanford.edu/housenumbers/'
     if not download and not os.path.isfile(path):   # torchvision says 'not found or corrupted' for both
-        raise DataError(f"{path} not found; put train_32x32.mat and test_32x32.mat from "
-                        f"http://ufldl.stanford.edu/housenumbers/ under {root}, or allow downloading (--download)")
+        raise DataError(f"{path} not found; put {files} under {root}, or allow downloading (--download)")
     try:
         ds = tv.datasets.SVHN(root, split='train' if train else 'test', download=download)
     except ModuleNotFoundError as e:   # torchvision reads the .mat files with scipy, which it does not require
         raise DataError(f"torchvision reads SVHN with scipy, which is missing ({e}): pip install scipy") from e
     except Exception as e:
         if not download and isinstance(e, RuntimeError):   # the file is there: its md5 is not the official one
-            raise DataError(f"{path} is not the official file (its md5 differs: truncated?); delete it and fetch it "
-                            f"again from http://ufldl.stanford.edu/housenumbers/") from e
-        raise DataError(f"SVHN could not be loaded from {root} ({type(e).__name__}: {e}); put train_32x32.mat and "
-                        f"test_32x32.mat from http://ufldl.stanford.edu/housenumbers/ there") from e
+            raise DataError(f"{path} is not the official file (its md5 differs: truncated?); delete it and put "
+                            f"{files} there again") from e
+        raise DataError(f"SVHN could not be loaded from {root} ({type(e).__name__}: {e}); put {files} there") from e
     return torch.from_numpy(np.ascontiguousarray(ds.data, dtype=np.uint8)), torch.from_numpy(ds.labels.astype(np.int64))
 
 
