@@ -1501,10 +1501,8 @@ def _one_line_error(r, *words):
     (['--decorrelate', '--decorrelate-free'], ['drop --decorrelate-free']),   # ignored
 ])
 def test_bad_flags(cifar, tmp_path, capsys, flags, words):
-    with pytest.raises(SystemExit) as e:   # search.py's command line, in this process: no interpreter to start
-        train.run_cli(search.main, ['--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags])
-    out, err = capsys.readouterr()
-    _one_line_error(subprocess.CompletedProcess([], e.value.code, out, err), *words)
+    r = _cli(search.main, capsys, '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags)   # no interpreter
+    _one_line_error(r, *words)
     assert not os.path.exists(tmp_path / 'r')
 
 
@@ -1690,10 +1688,11 @@ def test_labels_out_of_range_and_tables_without_the_columns_are_refused_up_front
     assert not os.path.exists(tmp_path / 'r')
 
 
-def _search_cli(capsys, *argv):
-    """search.py's command line in this process: -> what run_script returns, for _one_line_error."""
+def _cli(main, capsys, *argv):
+    """A script's command line (its main, as run_cli runs it) in this process: -> what run_script returns, for
+    _one_line_error."""
     with pytest.raises(SystemExit) as e:
-        train.run_cli(search.main, list(argv))
+        train.run_cli(main, list(argv))
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(argv, e.value.code, out, err)
 
@@ -1701,15 +1700,15 @@ def _search_cli(capsys, *argv):
 def test_resume_from_another_configuration_is_refused(cifar, tmp_path, capsys):
     save = str(tmp_path / 'run')
     search.main(['--data', cifar, '--save', save, '--space', 's2', *TINY])
-    r = _search_cli(capsys, '--data', cifar, '--resume', save, '--space', 's3', *TINY)
+    r = _cli(search.main, capsys, '--data', cifar, '--resume', save, '--space', 's3', *TINY)
     _one_line_error(r, 'another configuration', 'space')
-    r = _search_cli(capsys, '--data', cifar, '--save', save, '--space', 's2', *TINY)
+    r = _cli(search.main, capsys, '--data', cifar, '--save', save, '--space', 's2', *TINY)
     _one_line_error(r, '--resume')
     # a checkpoint from before --key-offset, --token-before-bn, --score-bias, --detach-mixing and --edge-norm
     # existed resumes as the run it was (none of them), and only as that
     for flags in (['--grad-clip', '1'], ['--momentum', '0.5'], ['--weight-decay', '0'], ['--decode-samples', '8'],
                   ['--tau', '2']):
-        r = _search_cli(capsys, '--data', cifar, '--resume', save, '--space', 's2', *TINY, *flags)
+        r = _cli(search.main, capsys, '--data', cifar, '--resume', save, '--space', 's2', *TINY, *flags)
         _one_line_error(r, 'another configuration', flags[0][2:].replace('-', '_'))
     # a checkpoint from before a key existed is checked against the run's args.json; before --key-offset,
     # --token-before-bn, --score-bias, --detach-mixing and --edge-norm existed (and so were in no args.json
@@ -1724,7 +1723,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path, capsys):
     started['grad_clip'] = 2.0   # what the run was started with, as its args.json says
     with open(flags_file, 'w') as f:
         json.dump({k: v for k, v in started.items() if k not in search.ADDED_KEYS}, f)
-    r = _search_cli(capsys, '--data', cifar, '--resume', save, '--space', 's2', '--no-edge-norm', *TINY,
+    r = _cli(search.main, capsys, '--data', cifar, '--resume', save, '--space', 's2', '--no-edge-norm', *TINY,
                    '--grad-clip', '5')
     _one_line_error(r, 'another configuration', 'grad_clip=2.0')
     started['grad_clip'] = 5.0
@@ -1733,7 +1732,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path, capsys):
     old = ['--no-edge-norm']   # the one of them on by default today
     for flag in ('--key-offset', '--token-before-bn', '--score-bias', '--share-attention', '--detach-mixing',
                  '--edge-norm', '--aux-skip', '--token-bn', '--decorrelate', '--decorrelate-free', '--nesterov'):
-        r = _search_cli(capsys, '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
+        r = _cli(search.main, capsys, '--data', cifar, '--resume', save, '--space', 's2', *old, flag, *TINY)
         _one_line_error(r, 'another configuration', flag[2:].replace('-', '_'))
     search.main(['--data', cifar, '--resume', save, '--space', 's2', *old, *TINY])
     search.main(['--resume', save])   # unsaid, the flags are the run's own, and those newer than it are off
@@ -1742,7 +1741,7 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path, capsys):
     search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
     search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', '--patch', '8', *TINY])
     os.remove(os.path.join(save, 'args.json'))   # lost: the flags are the defaults, and the refusal says why
-    r = _search_cli(capsys, '--resume', save)
+    r = _cli(search.main, capsys, '--resume', save)
     _one_line_error(r, 'another configuration', 'has no args.json', 'beside --resume')
     search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', *TINY])   # given: resumed
     search.main(['--resume', save])   # and args.json is back: the flags the checkpoint accepted
@@ -1954,10 +1953,9 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path, capsys):
     table = str(tmp_path / 'compare.md')
     text = analyze.main(['compare', runs[0], os.path.join(runs[4], 'analysis', 'analysis.json'), '--out', table])
     assert open(table).read() == text
-    with pytest.raises(SystemExit):   # --out a folder: one line that names it (os.replace's named the temp file)
-        train.run_cli(analyze.main, ['compare', runs[0], '--out', str(tmp_path)])
-    err = capsys.readouterr().err
-    assert f"a folder, where a file is to be written: '{tmp_path}'" in err and '.tmp-' not in err
+    r = _cli(analyze.main, capsys, 'compare', runs[0], '--out', str(tmp_path))   # a folder: one line that names
+    _one_line_error(r, f"a folder, where a file is to be written: '{tmp_path}'")   # it, not the temp file
+    assert '.tmp-' not in r.stderr
     assert not [name for name in os.listdir(tmp_path) if name.startswith('.tmp-')]
     rows = [line for line in text.splitlines() if line.startswith('| p0 ') or line.startswith('| p4 ')]
     assert len(rows) == 6 * 2 and 'cell 2 (normal)' in text
@@ -2095,14 +2093,6 @@ DARTS_COUNTS = {
 }
 # C16 N5 for 10 / 100 / 120 classes, measured with the NAS-Bench-201 code
 NB201_COUNTS = {G.NB201_PAPER: (1288506, 1294356, 1295656), NB201_ALL_SKIP: (73306, 79156, 80456)}
-
-
-def _train_cli(capsys, *argv):
-    """train.py's command line in this process: -> what run_script returns, for _one_line_error."""
-    with pytest.raises(SystemExit) as e:
-        train.run_cli(train.main, list(argv))
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, e.value.code, out, err)
 
 
 def _same_weights(a, b):
@@ -2276,7 +2266,7 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     lost = str(tmp_path / 'lost')   # its args.json lost: the defaults are refused, with where the flags went;
     shutil.copytree(killed, lost)   # given beside --resume, they are checked, the run goes on and args.json is back
     os.remove(os.path.join(lost, 'args.json'))
-    _one_line_error(_train_cli(capsys, '--resume', lost), 'another configuration', 'has no args.json')
+    _one_line_error(_cli(train.main, capsys, '--resume', lost), 'another configuration', 'has no args.json')
     train.main(['--resume', lost, *args[1:]])
     assert train.started_with(lost)['epochs'] == 3
 
@@ -2294,20 +2284,20 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     assert _same_weights(a, b)
     result = train.main(['--eval', os.path.join(killed, 'checkpoint.pt'), '--data', cifar, '--subset', '64'])
     assert result['test_top1'] == reports[1]['test_top1'] and result['test_images'] == 50
-    r = _train_cli(capsys, '--resume', killed, '--lr', '0.1')
+    r = _cli(train.main, capsys, '--resume', killed, '--lr', '0.1')
     _one_line_error(r, 'another configuration', 'lr')
-    _one_line_error(_train_cli(capsys, '--eval', killed, '--subset', '-5'), '--subset must be')
-    _one_line_error(_train_cli(capsys, '--eval', killed, '--layers', '5'), 'leave out the network flags')
-    _one_line_error(_train_cli(capsys, '--resume', killed, '--save', full), 'continues in its own folder')
+    _one_line_error(_cli(train.main, capsys, '--eval', killed, '--subset', '-5'), '--subset must be')
+    _one_line_error(_cli(train.main, capsys, '--eval', killed, '--layers', '5'), 'leave out the network flags')
+    _one_line_error(_cli(train.main, capsys, '--resume', killed, '--save', full), 'continues in its own folder')
     # killed in its first epoch (args.json and genotype.json written, no checkpoint yet): --resume trains it again
     early = tmp_path / 'early'
     early.mkdir()   # killed before its args.json: nothing to resume, and the way to start it again
-    _one_line_error(_train_cli(capsys, '--resume', str(early)), 'no readable args.json',
+    _one_line_error(_cli(train.main, capsys, '--resume', str(early)), 'no readable args.json',
                     f'give its command again with --save {early}')
     for name in ('args.json', 'genotype.json'):
         shutil.copy(os.path.join(full, name), early / name)
     for flags, word in ((['--lr', '0.1'], 'lr'), (['--genotype', 'DARTS_V2'], 'genotype')):   # as the run it was
-        _one_line_error(_train_cli(capsys, '--resume', str(early), *flags), 'another configuration', word)
+        _one_line_error(_cli(train.main, capsys, '--resume', str(early), *flags), 'another configuration', word)
     assert not (early / 'log.txt').exists()
     r = run_script('train.py', '--resume', str(early))
     assert r.returncode == 0, r.stderr
@@ -2323,7 +2313,7 @@ def test_train_resume_after_sigkill_equals_uninterrupted_run(cifar, tmp_path, ca
     older = tmp_path / 'older'
     older.mkdir()
     shutil.copy(os.path.join(full, 'args.json'), older / 'args.json')
-    _one_line_error(_train_cli(capsys, '--resume', str(older)), 'has no genotype.json', f'--genotype {NOISY}')
+    _one_line_error(_cli(train.main, capsys, '--resume', str(older)), 'has no genotype.json', f'--genotype {NOISY}')
 
 
 def test_ddp_is_told_when_a_genotype_leaves_parameters_without_gradient():
@@ -2458,7 +2448,7 @@ def test_train_bad_input_is_one_line(cifar, tmp_path, capsys, flags, words):
               'BYTES': str(tmp_path / 'bytes.json'), 'PARTIAL': str(tmp_path / 'partial.pt')}.get(f, f)
              for f in flags]
     save = tmp_path / 'run'
-    _one_line_error(_train_cli(capsys, '--data', cifar, '--save', str(save), *TRAIN_TINY, *flags), *words)
+    _one_line_error(_cli(train.main, capsys, '--data', cifar, '--save', str(save), *TRAIN_TINY, *flags), *words)
     assert not save.exists()
 
 
