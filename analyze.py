@@ -788,6 +788,7 @@ def nb201_results(runs, table_path=None, nb201_table=None):
                 entry['nb201'] = search.nb201_score(nb201_table, arch, dataset)
         # how the cell was chosen: a finished run resumed with another --select, or re-decoded, chose again
         settings['select'] = final.get('select', 'weights')
+        epoch_rule = settings.get('decode_none')   # the rule every epoch of history.json was decoded with
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
         ignored = [*(MIDAS_ONLY if settings['method'] != 'midas' else ()), 'topology']   # NB201 nodes have no pairs
         key = tuple(None if k in ignored else settings.get(k) for k in SETTING_KEYS)
@@ -796,7 +797,10 @@ def nb201_results(runs, table_path=None, nb201_table=None):
         twin = seen.setdefault((key, settings['seed']), run)
         if twin != run:   # a mean over seeds must not count one seed twice
             raise RunError(f"'{twin}' and '{run}' are the same setting and seed: give one of them")
-        groups.setdefault(key, {'settings': settings, 'runs': []})['runs'].append((settings['seed'], final, history))
+        group = groups.setdefault(key, {'settings': settings, 'runs': [], 'epoch_rules': set()})
+        group['runs'].append((settings['seed'], final, history))
+        if settings['select'] == 'weights' and epoch_rule != settings.get('decode_none'):   # re-decoded since
+            group['epoch_rules'].add(epoch_rule)
     # a training flag that differs between the rows is named where it is not search.py's default (the rows would
     # read as one setting twice); one that all rows share, such as the README recipe's decode sizes, is not
     varying = [(i, k) for i, k in enumerate(training_keys, len(SETTING_KEYS))
@@ -815,6 +819,8 @@ def nb201_results(runs, table_path=None, nb201_table=None):
         trajectory = ' → '.join(mean_std(tests).split(' ±')[0] if None not in tests else '–'
                                 for tests in ([(h[e].get('nb201') or {}).get('test') for _, _, h in runs_]
                                               for e in range(epochs)))
+        if g['epoch_rules']:   # history.json keeps cells, not weights: --redecode could not decode its epochs again
+            trajectory += f" (epochs decoded with --decode-none {'/'.join(sorted(g['epoch_rules']))})"
         eigs = [[h[e].get('hessian_eig') for _, _, h in runs_] for e in range(epochs)]
         rough = [any(h[e].get('hessian_settled') is False for _, _, h in runs_) for e in range(epochs)]
         curvature = ' → '.join(('~' if r else '') + f'{np.mean(v):.3g}' if None not in v else '–'
