@@ -640,7 +640,9 @@ NOT_USED = '(not used)'
 UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
                  # a static table decodes from one batch (search.decode_batches), whatever the decode sizes
                  **{k: lambda s: s.get('method') == 'midas' for k in ('decode_samples', 'epoch_decode_samples')},
-                 'decode_none': lambda s: s.get('select') == 'weights',
+                 # NB201's rule alone: a DARTS-style node never keeps 'none' (METHOD.md §8)
+                 'decode_none': lambda s: s.get('select') == 'weights' and s.get('space', 'nb201') == 'nb201',
+                 'edge_norm': lambda s: s.get('token_norm', True),   # a no-op without --token-norm
                  **{k: lambda s: s.get('mim') for k in ('mim_ratio', 'mim_patch')},
                  **{k: lambda s: s.get('mean_shift') for k in ('ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
                                                                'ms_reference')}}
@@ -692,7 +694,7 @@ def setting_name(s):
     if s['method'] == 'midas':
         for key, label in MIDAS_LABELS.items():
             default = getattr(ArchConfig, key)
-            if s.get(key, default) != default:
+            if s.get(key, default) != default and UNUSED_UNLESS.get(key, lambda s: True)(s):
                 name += label(s[key])
     if s.get('arch_lr', 3e-4) != 3e-4:
         name += f" arch-lr {s['arch_lr']:g}"
@@ -791,7 +793,8 @@ def nb201_results(runs, table_path=None, nb201_table=None):
         epoch_rule = settings.get('decode_none')   # the rule every epoch of history.json was decoded with
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
         ignored = [*(MIDAS_ONLY if settings['method'] != 'midas' else ()), 'topology']   # NB201 nodes have no pairs
-        key = tuple(None if k in ignored else settings.get(k) for k in SETTING_KEYS)
+        key = tuple(None if k in ignored else settings.get(k) if UNUSED_UNLESS.get(k, lambda s: True)(settings)
+                    else NOT_USED for k in SETTING_KEYS)
         key += tuple(settings.get(k) if UNUSED_UNLESS.get(k, lambda s: True)(settings) else NOT_USED
                      for k in training_keys)
         twin = seen.setdefault((key, settings['seed']), run)

@@ -254,6 +254,9 @@ def check_args(args):
         raise RunError('--nesterov needs a --momentum above 0')
     if args.nb201_table and space['kind'] != 'nb201' and not args.resume:   # ignored (older runs recorded it)
         raise RunError(f'--nb201-table scores NAS-Bench-201 cells, and --space {args.space} has none: drop it')
+    if args.decode_none == 'include' and space['kind'] != 'nb201' and not args.resume:
+        raise RunError(f"--decode-none include is NAS-Bench-201's rule: a DARTS-style node never keeps 'none' "
+                       f"(METHOD.md §8), so --space {args.space} would decode alike: drop it")
     if args.decorrelate and args.decorrelate_free and not args.resume:   # the first holds the second
         raise RunError("--decorrelate takes the covariance out of every candidate's score, the parameter-free ones' "
                        "too: drop --decorrelate-free")
@@ -263,6 +266,9 @@ def check_args(args):
         raise RunError('--layers must be at least 3 (a DARTS supernet has two reduction cells)')
     if not 0 <= args.mim < math.inf or not 0 <= args.mim_ratio <= 1 or args.mim_patch < 1 or size % args.mim_patch:
         raise RunError(f'--mim needs a weight >= 0, --mim-ratio in [0, 1] and a --mim-patch dividing {size}')
+    if args.mim and round(args.mim_ratio * (size // args.mim_patch) ** 2) == 0 and not args.resume:
+        raise RunError(f'--mim-ratio {args.mim_ratio} masks none of the {(size // args.mim_patch) ** 2} patches of '
+                       f'{args.mim_patch} pixels: the reconstruction loss is 0 and --mim {args.mim} a search without it')
     # checked without --mean-shift too, as --mim's: they are part of the run's configuration (a NaN there would
     # never equal itself, and the run could not be resumed)
     if (args.ms_iters < 1 or args.ms_samples < 1 or not 0 <= args.ms_eps < math.inf
@@ -770,7 +776,7 @@ def write_result(save, genotype, record, space, score, args, scores=None):
     result['select'] = args.select
     if args.select == 'perturb':
         result['select_samples'] = args.select_samples
-    else:
+    elif get_space(space)['kind'] == 'nb201':   # the rule it names applies to NB201 cells alone
         result['decode_none'] = args.decode_none
     write_json(os.path.join(save, 'genotype.json'), result)
     write_diagrams(genotype, save)
@@ -797,6 +803,9 @@ def redecode(args):
     except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
         raise RunError(f"cannot re-decode '{run}': its args.json and weights.json are not those of one finished "
                        f"search ({type(e).__name__}: {e})") from None
+    if args.decode_none == 'include' and get_space(settings['space'])['kind'] != 'nb201':
+        raise RunError(f"--decode-none include is NAS-Bench-201's rule: a DARTS-style node never keeps 'none' "
+                       f"(METHOD.md §8), and '{run}' searched --space {settings['space']}")
     table_path = args.nb201_table or settings.get('nb201_table')   # the run's own table, while it is there
     if not args.nb201_table and not (table_path and os.path.isfile(table_path)):
         if table_path:

@@ -1499,6 +1499,8 @@ def _one_line_error(r, *words):
     (['--nb201-table', ''], ['--nb201-table: an empty path']),
     (['--nb201-table', 'T.csv'], ['--nb201-table scores NAS-Bench-201 cells', '--space darts']),   # ignored
     (['--decorrelate', '--decorrelate-free'], ['drop --decorrelate-free']),   # ignored
+    (['--decode-none', 'include'], ["--decode-none include is NAS-Bench-201's rule", '--space darts']),   # ignored
+    (['--mim', '1', '--mim-ratio', '0.001'], ['--mim-ratio 0.001 masks none of the 64 patches']),   # a search without
 ])
 def test_bad_flags(cifar, tmp_path, capsys, flags, words):
     r = _cli(search.main, capsys, '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags)   # no interpreter
@@ -2026,6 +2028,10 @@ def test_analyze_midas_run_mosaic_report_compare(cifar, tmp_path, capsys):
 def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's3', '--method', 'darts', *TINY])
+    # a DARTS-style node never keeps 'none' (METHOD.md §8): NB201's --decode-none is no rule of this run
+    assert 'decode_none' not in json.loads(open(os.path.join(save, 'genotype.json')).read())
+    _one_line_error(run_script('search.py', '--redecode', save, '--decode-none', 'include'),
+                    "--decode-none include is NAS-Bench-201's rule", '--space s3')
     analysis = analyze.main(['report', '--run', save, '--data', cifar, '--samples', '20', '--device', 'cpu'])
     folder = os.path.join(save, 'analysis')
     assert sorted(os.listdir(folder)) == ['analysis.json', 'normal.dot', 'reduction.dot', 'report.md']
@@ -3208,12 +3214,14 @@ def test_nb201_results_rows_name_what_sets_them_apart(tmp_path):
         return str(folder)
     text = analyze.nb201_results([run('m0'), run('m1', seed=1, topology=True), run('u0', unrolled=True),
                                   run('c0', dataset='cifar100'), run('d0', method='darts'),
-                                  run('d1', method='darts', seed=1, decode_samples=512, epoch_decode_samples=64)])
+                                  run('d1', method='darts', seed=1, decode_samples=512, epoch_decode_samples=64),
+                                  # --edge-norm is part of the tokens' LayerNorm: without it, the same search
+                                  run('n0', token_norm=False), run('n1', seed=1, token_norm=False, edge_norm=False)])
     budget = '2 ep, 8 ch, 1 cell/stage, 10k img'
     for row in ('midas patch 4 | {} | 0,1 |', 'midas patch 4 + unrolled | {} | 0 |',
-                'midas patch 4 on cifar100 | {} | 0 |', 'darts | {} | 0,1 |'):
+                'midas patch 4 on cifar100 | {} | 0 |', 'darts | {} | 0,1 |', 'midas patch 4 no-LN | {} | 0,1 |'):
         assert '| ' + row.format(budget) in text
-    assert len([line for line in text.splitlines() if budget in line]) == 4
+    assert len([line for line in text.splitlines() if budget in line]) == 5
 
 
 # ---------------------------------------------------------------------------------------------
