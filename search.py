@@ -976,6 +976,11 @@ def main(argv=None):
         log(f'search {args.space} {args.method}{patch} topology={args.topology} on {args.dataset}: '
             f'{train_q.n}+{val_q.n} images, {n_w / 1e6:.3f}M weights, {n_arch} architecture '
             f'parameters, device {device}, world {world}')
+        if args.method == 'darts':   # a loop over both methods may give MIDAS's flags to darts: say they do nothing
+            defaults = vars(get_args([]))
+            unused = [f"--{k.replace('_', '-')}" for k in MIDAS_ONLY if getattr(args, k) != defaults[k]]
+            if unused:
+                log(f"note: --method darts searches a static table: MIDAS's flags change nothing ({', '.join(unused)})")
         if args.arch_warmup >= args.epochs:
             log(f'warning: --arch-warmup {args.arch_warmup} >= --epochs {args.epochs}: no architecture step is taken, '
                 'and the decode reads the initial architecture')

@@ -1741,6 +1741,8 @@ def test_resume_from_another_configuration_is_refused(cifar, tmp_path, capsys):
     # MIDAS's flags change nothing for darts: a darts run resumes whatever values of them it was started with
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's2', '--method', 'darts', '--attn-dim', '32', *TINY])
+    with open(os.path.join(save, 'log.txt')) as f:   # and its log says so
+        assert "note: --method darts searches a static table: MIDAS's flags change nothing (--attn-dim)" in f.read()
     search.main(['--data', cifar, '--resume', save, '--space', 's2', '--method', 'darts', '--patch', '8', *TINY])
     os.remove(os.path.join(save, 'args.json'))   # lost: the flags are the defaults, and the refusal says why
     r = _cli(search.main, capsys, '--resume', save)
