@@ -266,9 +266,10 @@ def check_args(args):
         raise RunError('--layers must be at least 3 (a DARTS supernet has two reduction cells)')
     if not 0 <= args.mim < math.inf or not 0 <= args.mim_ratio <= 1 or args.mim_patch < 1 or size % args.mim_patch:
         raise RunError(f'--mim needs a weight >= 0, --mim-ratio in [0, 1] and a --mim-patch dividing {size}')
-    if args.mim and round(args.mim_ratio * (size // args.mim_patch) ** 2) == 0 and not args.resume:
-        raise RunError(f'--mim-ratio {args.mim_ratio} masks none of the {(size // args.mim_patch) ** 2} patches of '
-                       f'{args.mim_patch} pixels: the reconstruction loss is 0 and --mim {args.mim} a search without it')
+    patches = (size // args.mim_patch) ** 2
+    if args.mim and round(args.mim_ratio * patches) == 0 and not args.resume:   # model.mask_patches' count
+        raise RunError(f'--mim-ratio {args.mim_ratio} masks none of the {patches} patches of {args.mim_patch} '
+                       f'pixels: the reconstruction loss is 0 and --mim {args.mim} a search without it')
     # checked without --mean-shift too, as --mim's: they are part of the run's configuration (a NaN there would
     # never equal itself, and the run could not be resumed)
     if (args.ms_iters < 1 or args.ms_samples < 1 or not 0 <= args.ms_eps < math.inf
