@@ -177,6 +177,13 @@ OP_COLOURS = {
     'sep_conv_7x7': (140, 86, 75), 'conv_7x1_1x7': (188, 189, 34),
     'nor_conv_1x1': (148, 103, 189), 'nor_conv_3x3': (214, 39, 40),
 }
+# Ops of one's own (not above): one of these by a stable hash of the name, never black, the same in every run
+_SPARE_COLOURS = [(23, 190, 207), (0, 128, 128), (255, 187, 120), (152, 223, 138), (255, 152, 150),
+                  (197, 176, 213), (196, 156, 148), (219, 219, 141), (158, 218, 229), (247, 182, 210)]
+
+
+def op_colour(op):
+    return OP_COLOURS.get(op) or _SPARE_COLOURS[zlib.crc32(op.encode()) % len(_SPARE_COLOURS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,14 +416,14 @@ def mosaic_png(images, labels, rec, edges, title):
         x0 = LABEL_W + GAP
         img[y0:y0 + PANEL, x0:x0 + PANEL] = upsample(image.permute(1, 2, 0).numpy(), PANEL)
         for k, e in enumerate(edges, start=1):
-            palette = np.array([OP_COLOURS.get(op, (0, 0, 0)) for op in rec['ops'][e]], np.uint8)
+            palette = np.array([op_colour(op) for op in rec['ops'][e]], np.uint8)
             panel = palette[upsample(rec['maps'][e][i], PANEL)]
             panel[border] = (panel[border] * 0.6).astype(np.uint8)
             xk = x0 + k * (PANEL + GAP)
             img[y0:y0 + PANEL, xk:xk + PANEL] = panel
     y0 = top + len(images) * (PANEL + GAP) + GAP
     for op, x, y in legend:
-        img[y0 + y:y0 + y + 5 * SCALE, x:x + 16] = OP_COLOURS.get(op, (0, 0, 0))
+        img[y0 + y:y0 + y + 5 * SCALE, x:x + 16] = op_colour(op)
         draw_text(img, x + 22, y0 + y, op)
     return img
 

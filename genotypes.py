@@ -68,7 +68,33 @@ SPACES = {
 def get_space(name):
     if not isinstance(name, str) or name not in SPACES:
         raise ValueError(f"unknown search space '{name}' (choose from {', '.join(SPACES)})")
+    check_space(name, SPACES[name])
     return SPACES[name]
+
+
+def check_space(name, space):
+    """Raise ValueError with one sentence where a space in SPACES cannot be built: its kind, its edge count, an op
+    name ops.OPS lacks (ALL_OPS mirrors it), or edges whose candidates are not laid out alike (a cell scores its
+    edges as one tensor, and DARTS's alpha is one table per cell type)."""
+    kind = space.get('kind') if isinstance(space, dict) else None
+    if kind not in ('darts', 'nb201'):
+        raise ValueError(f"search space '{name}' needs kind 'darts' or 'nb201', not {kind!r}")
+    n_edges = DARTS_EDGES if kind == 'darts' else NB201_EDGES
+    for cell in cell_types(kind):
+        edges = space.get(cell)
+        if not isinstance(edges, (list, tuple)) or len(edges) != n_edges:
+            raise ValueError(f"search space '{name}': its {cell} cell needs {n_edges} candidate lists, one per edge "
+                             f"in node-major order")
+        for e, ops in enumerate(edges):
+            unknown = [op for op in ops if op not in ALL_OPS]
+            if unknown:
+                raise ValueError(f"search space '{name}': edge {e} of its {cell} cell names op '{unknown[0]}', which "
+                                 f"is not in genotypes.ALL_OPS (add it there and to ops.OPS)")
+            if all(op == 'none' for op in ops):
+                raise ValueError(f"search space '{name}': edge {e} of its {cell} cell has no candidate but 'none'")
+        if len({(len(ops), tuple(op == 'none' for op in ops)) for ops in edges}) != 1:
+            raise ValueError(f"search space '{name}': every edge of its {cell} cell needs the same number of "
+                             f"candidates, with 'none' in the same places")
 
 
 def cell_types(kind):
@@ -168,8 +194,8 @@ def nb201_parse(arch):
             op, _, src = part.partition('~')
             if src != str(j):
                 raise ValueError(f"malformed NAS-Bench-201 arch string '{arch}': expected input ~{j} in '{part}'")
-            if op not in NB201_PRIMITIVES:
-                raise ValueError(f"unknown NAS-Bench-201 op '{op}' (choose from {', '.join(NB201_PRIMITIVES)})")
+            if op not in ALL_OPS:   # the benchmark's five, or any op of an NB201-kind space of one's own
+                raise ValueError(f"unknown op '{op}' in a NAS-Bench-201 cell (choose from {', '.join(ALL_OPS)})")
             ops.append(op)
     return ops
 
@@ -188,9 +214,15 @@ def nb201_str(ops):
 def validate_genotype(genotype, space_name=None):
     """Raise ValueError with one clear sentence if the genotype is malformed or not in the space."""
     if isinstance(genotype, str):  # an NB201 arch string
-        nb201_parse(genotype)
-        if space_name not in (None, 'nb201'):
-            raise ValueError(f"a NAS-Bench-201 cell cannot be used with space '{space_name}'")
+        ops = nb201_parse(genotype)
+        if space_name is not None:
+            space = get_space(space_name)
+            if space['kind'] != 'nb201':
+                raise ValueError(f"a NAS-Bench-201 cell cannot be used with space '{space_name}'")
+            for e, (op, allowed) in enumerate(zip(ops, space['normal'])):
+                if op not in allowed:
+                    raise ValueError(f"op '{op}' is not a candidate of edge {e} of space '{space_name}' "
+                                     f"(allowed: {', '.join(allowed)})")
         return
     space = get_space(space_name) if space_name else None
     if space is not None and space['kind'] != 'darts':
@@ -366,7 +398,7 @@ def decode_darts(space_name, weights, pairs=None):
 def decode_nb201(weights, ops_per_edge=None, include_none=True):
     """Per edge the argmax over the candidates, 'none' included (METHOD.md §8) unless include_none is
     False (search.py's default, --decode-none exclude: 'none' can disconnect the cell). -> (arch string, margins)."""
-    ops_per_edge = ops_per_edge or SPACES['nb201']['normal']
+    ops_per_edge = ops_per_edge or SPACES['nb201']['normal']   # an NB201-kind space of one's own passes its lists
     _check_shape(ops_per_edge, weights)
     chosen, margins = [], []
     for ops, w in zip(ops_per_edge, weights):

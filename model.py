@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from genotypes import cell_types, get_space, nb201_parse, node_inputs, node_pairs
-from ops import OPS, FactorizedReduce, Identity, ReLUConvBN
+from ops import OPS, FactorizedReduce, Identity, Noise, ReLUConvBN
 
 
 @dataclass(frozen=True)
@@ -359,9 +359,15 @@ def forward_before_bn(op, x):
     if isinstance(op, nn.BatchNorm2d):
         return op(x), x
     if isinstance(op, nn.Sequential) and len(op):
-        for module in list(op)[:-1]:
+        modules = list(op)   # into the last module that holds a BN (Conv-BN-ReLU's BN), then on to the output
+        last = max((k for k, m in enumerate(modules) if any(isinstance(s, nn.BatchNorm2d) for s in m.modules())),
+                   default=len(modules) - 1)
+        for module in modules[:last]:
             x = module(x)
-        return forward_before_bn(op[-1], x)
+        y, before = forward_before_bn(modules[last], x)
+        for module in modules[last + 1:]:
+            y = module(y)
+        return y, before
     if isinstance(op, FactorizedReduce):
         before = op.reduce(x)
         return op.bn(before), before
@@ -405,9 +411,9 @@ class MixedOp(nn.Module):
         self._ops = nn.ModuleList(ops)
         self.wants_relu = [strip_leading_relu(op) for op in self._ops]
         self.uses_relu = any(self.wants_relu)
-        # the same function of the input on every edge ('noise' draws afresh on each)
-        self.pure = [self.primitives[j] != 'noise' and not any(True for _ in op.parameters())
-                     for j, op in zip(self.live, self._ops)]
+        # the same function of the input on every edge (an op holding a Noise, as S4's 'noise', draws afresh on each)
+        self.pure = [not any(isinstance(m, Noise) for m in op.modules()) and not any(True for _ in op.parameters())
+                     for op in self._ops]
         # the identity and NB201's avg-pool pass their input's scale on, where every other candidate ends in a BN
         self.unnormalised = [pure and not ends_in_bn(op) for pure, op in zip(self.pure, self._ops)]
 

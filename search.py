@@ -28,6 +28,7 @@ from data import DATASETS, GPULoader, split_indices
 from genotypes import cell_types, decode_darts, decode_nb201, genotype_to_json, get_space, node_inputs, node_pairs
 from model import (ArchConfig, MIMDecoder, SearchNetwork, average_weights, aux_skip_weight, mask_patches, mim_loss,
                    twice_differentiable)
+from ops import Noise
 from train import (Logger, Parser, RunError, Throughput, all_reduce_mean, amp_setup, default_run_folder,
                    fenced_random, load_checkpoint, no_run_to_resume, reduce_sum, refuse_lost_checkpoint,
                    refuse_other_config, restoring, resume_folder, rng_states, run_cli, save_checkpoint,
@@ -610,7 +611,8 @@ def decode(model, batches, args):
 def decode_weights(result, args):
     """The decoding rules of §8 applied to averaged weights (model.average_weights' result)."""
     if get_space(args.space)['kind'] == 'nb201':
-        arch, margins = decode_nb201(result['normal']['weights'], include_none=args.decode_none == 'include')
+        arch, margins = decode_nb201(result['normal']['weights'], get_space(args.space)['normal'],
+                                     include_none=args.decode_none == 'include')
         return arch, {'weights': result, 'margins': {'normal': margins}}
     weights = {t: result[t]['weights'] for t in ('normal', 'reduce')}
     pairs = {t: result[t]['pairs'] for t in ('normal', 'reduce')} if args.topology else None
@@ -626,8 +628,8 @@ def at_least_float32(logits):
 
 def shares_removals(model, world):
     """Whether the ranks share out --select perturb's batches: not where RDARTS S4's 'noise' draws one stream
-    through them all."""
-    return world > 1 and not any('noise' in ops for t in cell_types(model.kind) for ops in model.space[t])
+    through them all (any op that holds an ops.Noise)."""
+    return world > 1 and not any(isinstance(m, Noise) for m in model.modules())
 
 
 @torch.no_grad()

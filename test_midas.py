@@ -743,6 +743,45 @@ def test_every_op_name_is_buildable():
             assert build(4, stride, True)(x).shape == (2, 4, 8 // stride, 8 // stride), (name, stride)
 
 
+def test_a_space_and_ops_of_ones_own_are_data(monkeypatch, tmp_path, capsys):
+    """What a researcher edits first: an op added to ops.OPS and genotypes.ALL_OPS, a space added to SPACES. An
+    NB201-kind space decodes by its own lists (it took the benchmark's names before: every edge mislabelled), a
+    random op is found by what it holds (a renamed Noise was computed once per state), a malformed space is one line
+    (was an IndexError or AssertionError traceback), and the token before BN is read in a Conv-BN-ReLU too."""
+    import ops
+    from model import MixedOp, forward_before_bn
+    reordered = ['none', 'avg_pool_3x3', 'nor_conv_3x3', 'nor_conv_1x1', 'skip_connect']
+    monkeypatch.setitem(G.SPACES, 'nb201r', dict(kind='nb201', normal=[list(reordered) for _ in range(6)]))
+    weights = [[0.1, 0.5, 0.2, 0.1, 0.1], [0.1, 0.1, 0.5, 0.2, 0.1], [0.1, 0.1, 0.1, 0.5, 0.2]] * 2
+    arch, _ = search.decode_weights({'normal': {'weights': weights}},
+                                    argparse.Namespace(space='nb201r', decode_none='exclude'))
+    assert G.nb201_parse(arch) == ['avg_pool_3x3', 'nor_conv_3x3', 'nor_conv_1x1'] * 2
+    G.validate_genotype(arch, 'nb201r')
+    with pytest.raises(ValueError, match="op 'nor_conv_3x3' is not a candidate of edge 0 of space 's'"):
+        monkeypatch.setitem(G.SPACES, 's', dict(kind='nb201', normal=[['skip_connect', 'nor_conv_1x1']] * 6))
+        G.validate_genotype(G.NB201_BEST, 's')
+    # a parameter-free op that draws random numbers, under a name of its own: drawn on every edge, not shared
+    monkeypatch.setitem(ops.OPS, 'noise2', ops.OPS['noise'])
+    assert MixedOp(4, 1, ['noise2', 'skip_connect', 'max_pool_3x3'], True).pure == [False, True, True]
+    # a malformed space: one line, before anything is built
+    for edges, words in (([['skip_connect', 'sep_conv_3x3']] * 9, 'needs 14 candidate lists'),
+                         ([['skip_connect', 'sep_conv3x3']] * 14, "names op 'sep_conv3x3'"),
+                         ([['skip_connect', 'sep_conv_3x3']] * 13 + [['sep_conv_3x3']], 'the same number')):
+        monkeypatch.setitem(G.SPACES, 'mine', dict(kind='darts', normal=edges, reduce=edges))
+        r = _cli(search.main, capsys, '--space', 'mine', '--save', str(tmp_path / 'r'), *TINY)
+        _one_line_error(r, "search space 'mine'", words)
+        assert not os.path.exists(tmp_path / 'r')
+    # --token-before-bn: the input of the BN wherever it sits, the op's output unchanged
+    torch.manual_seed(0)
+    op = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    x = torch.randn(2, 4, 8, 8)
+    y, before = forward_before_bn(op, x)
+    assert torch.equal(y, op(x)) and torch.equal(before, op[0](x))
+    import analyze   # a mosaic draws an op of one's own in a colour of its own (all were black)
+    assert analyze.op_colour('sep_conv_3x3') == analyze.OP_COLOURS['sep_conv_3x3']
+    assert analyze.op_colour('conv_1x1_nobn') == analyze.op_colour('conv_1x1_nobn') not in analyze.OP_COLOURS.values()
+
+
 def test_factorized_reduce_reads_both_pixel_grids():
     """FactorizedReduce (the stride-2 skip and a reduction cell's s0 preprocessing) halves H and W with two
     stride-2 1x1 convolutions, one on the even pixels and one on the grid offset by one pixel in both directions:
