@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from data import DATASETS, load_dataset, normalize
-from genotypes import genotype_from_json, load_genotype, nb201_parse, node_inputs, validate_genotype
+from genotypes import SPACES, genotype_from_json, load_genotype, nb201_parse, node_inputs, validate_genotype
 from model import ArchConfig, SearchNetwork, aux_skip_weight
 from train import Parser, RunError, atomic_write, pick_device, run_cli, write_json
 
@@ -648,7 +648,9 @@ UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
                  # a static table decodes from one batch (search.decode_batches), whatever the decode sizes
                  **{k: lambda s: s.get('method') == 'midas' for k in ('decode_samples', 'epoch_decode_samples')},
                  # NB201's rule alone: a DARTS-style node never keeps 'none' (METHOD.md §8)
-                 'decode_none': lambda s: s.get('select') == 'weights' and s.get('space', 'nb201') == 'nb201',
+                 # (a space no longer in SPACES counts as NB201-kind: its rows are kept apart)
+                 'decode_none': lambda s: s.get('select') == 'weights'
+                 and SPACES.get(s.get('space', 'nb201'), {}).get('kind', 'nb201') == 'nb201',
                  'edge_norm': lambda s: s.get('token_norm', True),   # a no-op without --token-norm
                  **{k: lambda s: s.get('mim') for k in ('mim_ratio', 'mim_patch')},
                  **{k: lambda s: s.get('mean_shift') for k in ('ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',

@@ -74,8 +74,8 @@ def get_space(name):
 
 def check_space(name, space):
     """Raise ValueError with one sentence where a space in SPACES cannot be built: its kind, its edge count, an op
-    name ops.OPS lacks (ALL_OPS mirrors it), or edges whose candidates are not laid out alike (a cell scores its
-    edges as one tensor, and DARTS's alpha is one table per cell type)."""
+    name ALL_OPS lacks (it mirrors ops.OPS, which this file may not import), or edges whose candidates are not laid
+    out alike (a cell scores its edges as one tensor, and DARTS's alpha is one table per cell type)."""
     kind = space.get('kind') if isinstance(space, dict) else None
     if kind not in ('darts', 'nb201'):
         raise ValueError(f"search space '{name}' needs kind 'darts' or 'nb201', not {kind!r}")
@@ -195,7 +195,8 @@ def nb201_parse(arch):
             if src != str(j):
                 raise ValueError(f"malformed NAS-Bench-201 arch string '{arch}': expected input ~{j} in '{part}'")
             if op not in ALL_OPS:   # the benchmark's five, or any op of an NB201-kind space of one's own
-                raise ValueError(f"unknown op '{op}' in a NAS-Bench-201 cell (choose from {', '.join(ALL_OPS)})")
+                raise ValueError(f"unknown NAS-Bench-201 op '{op}' (choose from {', '.join(NB201_PRIMITIVES)}; a space "
+                                 f"of one's own may name any op of genotypes.ALL_OPS)")
             ops.append(op)
     return ops
 

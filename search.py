@@ -269,8 +269,8 @@ def check_args(args):
         raise RunError(f'--mim needs a weight >= 0, --mim-ratio in [0, 1] and a --mim-patch dividing {size}')
     patches = (size // args.mim_patch) ** 2
     if args.mim and round(args.mim_ratio * patches) == 0 and not args.resume:   # model.mask_patches' count
-        raise RunError(f'--mim-ratio {args.mim_ratio} masks none of the {patches} patches of {args.mim_patch} '
-                       f'pixels: the reconstruction loss is 0 and --mim {args.mim} a search without it')
+        raise RunError(f'--mim-ratio {args.mim_ratio} masks none of the {patches} patches of {args.mim_patch}x'
+                       f'{args.mim_patch} pixels: the reconstruction loss would be 0, a search without MIM')
     # checked without --mean-shift too, as --mim's: they are part of the run's configuration (a NaN there would
     # never equal itself, and the run could not be resumed)
     if (args.ms_iters < 1 or args.ms_samples < 1 or not 0 <= args.ms_eps < math.inf

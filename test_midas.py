@@ -743,7 +743,7 @@ def test_every_op_name_is_buildable():
             assert build(4, stride, True)(x).shape == (2, 4, 8 // stride, 8 // stride), (name, stride)
 
 
-def test_a_space_and_ops_of_ones_own_are_data(monkeypatch, tmp_path, capsys):
+def test_a_space_and_ops_of_ones_own_are_data(cifar, monkeypatch, tmp_path, capsys):
     """What a researcher edits first: an op added to ops.OPS and genotypes.ALL_OPS, a space added to SPACES. An
     NB201-kind space decodes by its own lists (it took the benchmark's names before: every edge mislabelled), a
     random op is found by what it holds (a renamed Noise was computed once per state), a malformed space is one line
@@ -763,12 +763,16 @@ def test_a_space_and_ops_of_ones_own_are_data(monkeypatch, tmp_path, capsys):
     # a parameter-free op that draws random numbers, under a name of its own: drawn on every edge, not shared
     monkeypatch.setitem(ops.OPS, 'noise2', ops.OPS['noise'])
     assert MixedOp(4, 1, ['noise2', 'skip_connect', 'max_pool_3x3'], True).pure == [False, True, True]
+    monkeypatch.setattr(G, 'ALL_OPS', [*G.ALL_OPS, 'noise2'])   # and --select perturb shares no removals over ranks
+    monkeypatch.setitem(G.SPACES, 'n', dict(kind='nb201', normal=[['noise2', 'skip_connect']] * 6))
+    assert not search.shares_removals(SearchNetwork('n', C=4, cells=1, cfg=ArchConfig(patch=0)), 2)
+    assert search.shares_removals(SearchNetwork('nb201', C=4, cells=1, cfg=ArchConfig(patch=0)), 2)
     # a malformed space: one line, before anything is built
     for edges, words in (([['skip_connect', 'sep_conv_3x3']] * 9, 'needs 14 candidate lists'),
                          ([['skip_connect', 'sep_conv3x3']] * 14, "names op 'sep_conv3x3'"),
                          ([['skip_connect', 'sep_conv_3x3']] * 13 + [['sep_conv_3x3']], 'the same number')):
         monkeypatch.setitem(G.SPACES, 'mine', dict(kind='darts', normal=edges, reduce=edges))
-        r = _cli(search.main, capsys, '--space', 'mine', '--save', str(tmp_path / 'r'), *TINY)
+        r = _cli(search.main, capsys, '--data', cifar, '--space', 'mine', '--save', str(tmp_path / 'r'), *TINY)
         _one_line_error(r, "search space 'mine'", words)
         assert not os.path.exists(tmp_path / 'r')
     # --token-before-bn: the input of the BN wherever it sits, the op's output unchanged
@@ -779,7 +783,8 @@ def test_a_space_and_ops_of_ones_own_are_data(monkeypatch, tmp_path, capsys):
     assert torch.equal(y, op(x)) and torch.equal(before, op[0](x))
     import analyze   # a mosaic draws an op of one's own in a colour of its own (all were black)
     assert analyze.op_colour('sep_conv_3x3') == analyze.OP_COLOURS['sep_conv_3x3']
-    assert analyze.op_colour('conv_1x1_nobn') == analyze.op_colour('conv_1x1_nobn') not in analyze.OP_COLOURS.values()
+    mine = analyze.op_colour('conv_1x1_nobn')
+    assert mine == analyze.op_colour('conv_1x1_nobn') != (0, 0, 0) and mine not in analyze.OP_COLOURS.values()
 
 
 def test_factorized_reduce_reads_both_pixel_grids():
@@ -1539,7 +1544,7 @@ def _one_line_error(r, *words):
     (['--nb201-table', 'T.csv'], ['--nb201-table scores NAS-Bench-201 cells', '--space darts']),   # ignored
     (['--decorrelate', '--decorrelate-free'], ['drop --decorrelate-free']),   # ignored
     (['--decode-none', 'include'], ["--decode-none include is NAS-Bench-201's rule", '--space darts']),   # ignored
-    (['--mim', '1', '--mim-ratio', '0.001'], ['--mim-ratio 0.001 masks none of the 64 patches']),   # a search without
+    (['--mim', '1', '--mim-ratio', '0.001'], ['--mim-ratio 0.001 masks none of the 64 patches of 4x4']),   # no MIM
 ])
 def test_bad_flags(cifar, tmp_path, capsys, flags, words):
     r = _cli(search.main, capsys, '--data', cifar, '--save', str(tmp_path / 'r'), *TINY, *flags)   # no interpreter
@@ -2451,7 +2456,7 @@ S2_WITH_5X5 = G.genotype_to_json(G.Genotype([('sep_conv_5x5', 0), ('skip_connect
      ["unknown op 'conv_9x9'"]),
     (['--genotype', 'S2_JSON'], ["op 'sep_conv_5x5' is not a candidate", "space 's2'"]),
     (['--genotype', '|nor_conv_3x3~0|+|conv_9x9~0|none~1|+|none~0|none~1|none~2|'],
-     ["unknown op 'conv_9x9' in a NAS-Bench-201 cell"]),
+     ["unknown NAS-Bench-201 op 'conv_9x9'"]),
     (['--genotype', '|nor_conv_3x3~0|+|none~0|'], ['malformed NAS-Bench-201 arch string']),
     (['--genotype', 'DARTS_V9'], ["cannot read genotype 'DARTS_V9'"]),
     ([], ['--genotype is required']),
