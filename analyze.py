@@ -544,7 +544,7 @@ def seed_groups(analyses):
     for a in analyses:
         s = a['settings']
         ignored = {'seed', *(MIDAS_ONLY if s.get('method') != 'midas' else ())}   # as nb201's rows
-        setting = {k: v if UNUSED_UNLESS.get(k, lambda s: True)(s) else NOT_USED for k, v in s.items()
+        setting = {k: v if flag_used(k, s) else NOT_USED for k, v in s.items()
                    if k not in ignored}
         batch = a.get('batch_size') if batch_dependent(s) else None
         key = json.dumps([setting, a.get('split'), a.get('samples'), batch, unfinished(a)], sort_keys=True)
@@ -655,6 +655,13 @@ UNUSED_UNLESS = {'select_samples': lambda s: s.get('select') == 'perturb',
                  **{k: lambda s: s.get('mim') for k in ('mim_ratio', 'mim_patch')},
                  **{k: lambda s: s.get('mean_shift') for k in ('ms_iters', 'ms_samples', 'ms_eps', 'ms_bandwidth',
                                                                'ms_reference')}}
+
+
+def flag_used(key, s):
+    """Whether settings s read the flag key (UNUSED_UNLESS; every other flag always)."""
+    return UNUSED_UNLESS.get(key, lambda s: True)(s)
+
+
 # runs older than a flag ran without it, whatever today's default: they group with 'off' here, and search.py
 # --resume rebuilds them so (mean-shift and the warm-up came together: older runs had neither)
 SETTING_OFF = {'mim': 0.0, 'mean_shift': False, 'arch_warmup': 0, 'unrolled': False, 'key_offset': False,
@@ -703,7 +710,7 @@ def setting_name(s):
     if s['method'] == 'midas':
         for key, label in MIDAS_LABELS.items():
             default = getattr(ArchConfig, key)
-            if s.get(key, default) != default and UNUSED_UNLESS.get(key, lambda s: True)(s):
+            if s.get(key, default) != default and flag_used(key, s):
                 name += label(s[key])
     if s.get('arch_lr', 3e-4) != 3e-4:
         name += f" arch-lr {s['arch_lr']:g}"
@@ -802,10 +809,8 @@ def nb201_results(runs, table_path=None, nb201_table=None):
         epoch_rule = settings.get('decode_none')   # the rule every epoch of history.json was decoded with
         settings.update({k: final[k] for k in ('decode_none', 'select_samples') if k in final})
         ignored = [*(MIDAS_ONLY if settings['method'] != 'midas' else ()), 'topology']   # NB201 nodes have no pairs
-        key = tuple(None if k in ignored else settings.get(k) if UNUSED_UNLESS.get(k, lambda s: True)(settings)
-                    else NOT_USED for k in SETTING_KEYS)
-        key += tuple(settings.get(k) if UNUSED_UNLESS.get(k, lambda s: True)(settings) else NOT_USED
-                     for k in training_keys)
+        key = tuple(None if k in ignored else settings.get(k) if flag_used(k, settings) else NOT_USED
+                    for k in (*SETTING_KEYS, *training_keys))
         twin = seen.setdefault((key, settings['seed']), run)
         if twin != run:   # a mean over seeds must not count one seed twice
             raise RunError(f"'{twin}' and '{run}' are the same setting and seed: give one of them")

@@ -226,6 +226,11 @@ def resumed_flags(args, parser, given):
         args.nb201_table = None   # the run's own table, not on this machine: main says so, and scores nothing
 
 
+# refused outside NAS-Bench-201 by a fresh search and by --redecode alike
+DECODE_NONE_NB201 = ("--decode-none include is NAS-Bench-201's rule: a DARTS-style node never keeps 'none' "
+                     "(METHOD.md §8)")
+
+
 def check_args(args):
     space = get_space(args.space)
     if args.topology and space['kind'] == 'nb201' and not args.resume:   # older runs recorded it, ignored
@@ -256,8 +261,7 @@ def check_args(args):
     if args.nb201_table and space['kind'] != 'nb201' and not args.resume:   # ignored (older runs recorded it)
         raise RunError(f'--nb201-table scores NAS-Bench-201 cells, and --space {args.space} has none: drop it')
     if args.decode_none == 'include' and space['kind'] != 'nb201' and not args.resume:
-        raise RunError(f"--decode-none include is NAS-Bench-201's rule: a DARTS-style node never keeps 'none' "
-                       f"(METHOD.md §8), so --space {args.space} would decode alike: drop it")
+        raise RunError(f"{DECODE_NONE_NB201}, so --space {args.space} would decode alike: drop it")
     if args.decorrelate and args.decorrelate_free and not args.resume:   # the first holds the second
         raise RunError("--decorrelate takes the covariance out of every candidate's score, the parameter-free ones' "
                        "too: drop --decorrelate-free")
@@ -610,8 +614,9 @@ def decode(model, batches, args):
 
 def decode_weights(result, args):
     """The decoding rules of §8 applied to averaged weights (model.average_weights' result)."""
-    if get_space(args.space)['kind'] == 'nb201':
-        arch, margins = decode_nb201(result['normal']['weights'], get_space(args.space)['normal'],
+    space = get_space(args.space)
+    if space['kind'] == 'nb201':
+        arch, margins = decode_nb201(result['normal']['weights'], space['normal'],
                                      include_none=args.decode_none == 'include')
         return arch, {'weights': result, 'margins': {'normal': margins}}
     weights = {t: result[t]['weights'] for t in ('normal', 'reduce')}
@@ -807,8 +812,7 @@ def redecode(args):
         raise RunError(f"cannot re-decode '{run}': its args.json and weights.json are not those of one finished "
                        f"search ({type(e).__name__}: {e})") from None
     if args.decode_none == 'include' and get_space(settings['space'])['kind'] != 'nb201':
-        raise RunError(f"--decode-none include is NAS-Bench-201's rule: a DARTS-style node never keeps 'none' "
-                       f"(METHOD.md §8), and '{run}' searched --space {settings['space']}")
+        raise RunError(f"{DECODE_NONE_NB201}, and '{run}' searched --space {settings['space']}")
     table_path = args.nb201_table or settings.get('nb201_table')   # the run's own table, while it is there
     if not args.nb201_table and not (table_path and os.path.isfile(table_path)):
         if table_path:

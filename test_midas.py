@@ -2075,7 +2075,8 @@ def test_analyze_darts_run_and_bad_input(cifar, tmp_path):
     save = str(tmp_path / 'darts')
     search.main(['--data', cifar, '--save', save, '--space', 's3', '--method', 'darts', *TINY])
     # a DARTS-style node never keeps 'none' (METHOD.md §8): NB201's --decode-none is no rule of this run
-    assert 'decode_none' not in json.loads(open(os.path.join(save, 'genotype.json')).read())
+    with open(os.path.join(save, 'genotype.json')) as f:
+        assert 'decode_none' not in json.load(f)
     _one_line_error(run_script('search.py', '--redecode', save, '--decode-none', 'include'),
                     "--decode-none include is NAS-Bench-201's rule", '--space s3')
     analysis = analyze.main(['report', '--run', save, '--data', cifar, '--samples', '20', '--device', 'cpu'])
